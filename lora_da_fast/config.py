@@ -1,0 +1,116 @@
+"""Configuration of a LoRA-DA initialisation (hyper-parameters of ../docs ALGORITHM.md)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Union
+
+from .errors import ConfigError
+
+TOKEN_MASKS = ("attention", "labels")
+OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
+BACKENDS = ("auto", "torch", "triton")
+SOLVERS = ("auto", "batched", "reference")
+
+
+def _positive_number(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+@dataclass
+class LoraDAConfig:
+    """Hyper-parameters of LoRA-DA. Defaults are those of the authors' released code.
+
+    Args:
+        rank: LoRA rank ``r``.
+        population_size: ``N``, the number of examples of the fine-tuning set; it scales the variance
+            term (``beta * sum(u) / (N sigma^2) * Zd^{-1}``). Required when ``beta > 0``.
+        beta: weight of the variance term; ``0`` gives the truncated SVD of the Fisher-gradient.
+        alpha: weight of the bias term.
+        gamma: the factors are divided by ``sqrt(gamma)``.
+        damping: absolute damping ``lam`` added to both Kronecker factors.
+        output_damping_ratio: if set, the output factor is damped by ``ratio * median(y)`` instead.
+        token_mask: ``"attention"`` (every non-padding token) or ``"labels"`` (tokens whose next label
+            is not ``-100``) selects the tokens of ``Z`` and ``y``.
+        output_fisher: ``"diagonal"`` or ``"sequence_lowrank"`` (per-example summed gradients, Woodbury).
+        target_modules: ``"all-linear"``, a regex (full match on the module name), or a list of names
+            (a full name, or a suffix after a dot), as PEFT matches them.
+        batch_size: examples per forward/backward pass; the result does not depend on it.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        solver: ``"auto"`` (batched), ``"batched"`` or ``"reference"`` (per-module dense float64).
+        max_damping: bound for the damping retries when a Cholesky factorisation fails.
+        seed: seed of the random start vectors of iterative solvers; the result does not depend on it.
+    """
+
+    rank: int = 8
+    population_size: Optional[int] = None
+    beta: float = 0.03
+    alpha: float = 1.0
+    gamma: float = 1024.0
+    damping: float = 1e-6
+    output_damping_ratio: Optional[float] = None
+    token_mask: str = "attention"
+    output_fisher: str = "diagonal"
+    target_modules: Union[str, List[str]] = "all-linear"
+    batch_size: int = 8
+    backend: str = "auto"
+    solver: str = "auto"
+    max_damping: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.population_size is not None:
+            if (isinstance(self.population_size, bool) or not isinstance(self.population_size, int)
+                    or self.population_size < 1):
+                raise ConfigError(
+                    f"population_size must be a positive integer (the number of fine-tuning examples), "
+                    f"got {self.population_size!r}")
+        _positive_number("beta", self.beta, allow_zero=True)
+        _positive_number("alpha", self.alpha, allow_zero=True)
+        if self.alpha == 0 and self.beta == 0:
+            raise ConfigError("alpha and beta cannot both be 0: the guidance matrix would be zero")
+        _positive_number("gamma", self.gamma)
+        _positive_number("damping", self.damping)
+        _positive_number("max_damping", self.max_damping)
+        if self.max_damping < self.damping:
+            raise ConfigError(f"max_damping ({self.max_damping}) must be >= damping ({self.damping})")
+        if self.output_damping_ratio is not None:
+            _positive_number("output_damping_ratio", self.output_damping_ratio)
+        if self.token_mask not in TOKEN_MASKS:
+            raise ConfigError(f"token_mask must be one of {TOKEN_MASKS}, got {self.token_mask!r}")
+        if self.output_fisher not in OUTPUT_FISHERS:
+            raise ConfigError(f"output_fisher must be one of {OUTPUT_FISHERS}, got {self.output_fisher!r}")
+        if isinstance(self.target_modules, str):
+            if not self.target_modules:
+                raise ConfigError("target_modules must not be empty")
+            if self.target_modules != "all-linear":
+                try:
+                    re.compile(self.target_modules)
+                except re.error as exc:
+                    raise ConfigError(f"target_modules is not a valid regex: {exc}") from None
+        elif isinstance(self.target_modules, (list, tuple, set)):
+            names = list(self.target_modules)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError("target_modules must be a non-empty list of non-empty names")
+            self.target_modules = names
+        else:
+            raise ConfigError(
+                f"target_modules must be 'all-linear', a regex or a list of names, got {self.target_modules!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,359 @@
+"""The statistics pass: one forward+backward over the calibration set gathers, for every target module,
+the mean per-example gradient ``G``, the input factor ``Z`` (once per group of modules that receive the
+same input tensor), the diagonal output moment ``y`` and, for ``sequence_lowrank``, the per-example
+summed output gradients. See ALGORITHM.md, "Statistics gathered over the calibration set".
+
+How per-example semantics are kept whatever the batch: the loss back-propagated is ``sum_i L_i`` where
+``L_i`` is example ``i``'s own mean token cross-entropy, so every ``delta_t = dL_i/dy_t`` is exactly what
+a batch of one would give. Examples are re-batched with right padding (position ids unchanged) and
+padding rows are masked out of every statistic.
+
+The base weights never get a ``.grad``: every parameter is frozen during the pass, gradients flow from
+the input embeddings (their output is made to require grad), and ``G`` is accumulated in the hooks as
+``delta^T x``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .config import LoraDAConfig
+from .data import IGNORE_INDEX, Batch, iter_batches, iter_examples
+from .errors import ConfigError, DataError, NumericalError
+from .targets import find_target_modules, linear_shape
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModuleStatistics:
+    """Statistics of one target module (Linear layout: ``G`` is ``d_out x d_in``)."""
+
+    group: str  # key of this module's input factor in FisherStatistics.Z
+    G: torch.Tensor  # [d_out, d_in] fp32, mean per-example gradient (1/n) sum_i dL_i/dW
+    y: torch.Tensor  # [d_out] fp32, (1/T) sum_{i, t in S_i} delta_t ** 2
+    seq_sums: Optional[torch.Tensor] = None  # [n, d_out] fp32, s_i = sum_{t in S_i} delta_t
+
+    @property
+    def d_out(self) -> int:
+        return int(self.G.shape[0])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.G.shape[1])
+
+
+@dataclass
+class FisherStatistics:
+    """Everything the solver needs; independent of rank, beta, gamma (rerun the solver without data)."""
+
+    modules: Dict[str, ModuleStatistics]
+    Z: Dict[str, torch.Tensor]  # group -> [d_in, d_in] fp32 symmetric, (1/T) sum x x^T
+    num_examples: int  # n: examples with at least one label token
+    num_tokens: int  # T: selected tokens (token_mask)
+    num_skipped: int = 0  # examples without any label token
+    token_mask: str = "attention"
+    output_fisher: str = "diagonal"
+    meta: Dict[str, object] = field(default_factory=dict)
+
+    def groups(self) -> Dict[str, List[str]]:
+        """Input group -> names of the modules sharing it, in module order."""
+        out: Dict[str, List[str]] = {g: [] for g in self.Z}
+        for name, st in self.modules.items():
+            out[st.group].append(name)
+        return out
+
+    def save(self, path: str) -> None:
+        """Write to a safetensors file (atomically: a temp file renamed over ``path``)."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        names = list(self.modules)
+        groups = list(self.Z)
+        for i, g in enumerate(groups):
+            tensors[f"Z.{i}"] = self.Z[g].contiguous().cpu()
+        for i, name in enumerate(names):
+            st = self.modules[name]
+            tensors[f"G.{i}"] = st.G.contiguous().cpu()
+            tensors[f"y.{i}"] = st.y.contiguous().cpu()
+            if st.seq_sums is not None:
+                tensors[f"s.{i}"] = st.seq_sums.contiguous().cpu()
+        header = {
+            "format_version": FORMAT_VERSION,
+            "modules": names,
+            "module_groups": [groups.index(self.modules[n].group) for n in names],
+            "groups": groups,
+            "num_examples": self.num_examples,
+            "num_tokens": self.num_tokens,
+            "num_skipped": self.num_skipped,
+            "token_mask": self.token_mask,
+            "output_fisher": self.output_fisher,
+            "meta": self.meta,
+        }
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata={"lora_da_fast": json.dumps(header)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, device: Optional[torch.device] = None) -> "FisherStatistics":
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise DataError(f"statistics file not found: {path}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                header = json.loads(meta["lora_da_fast"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise DataError(f"{path} is not a lora_da_fast statistics file ({exc})") from None
+        if header.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{path} has statistics format {header.get('format_version')}, "
+                            f"this version reads {FORMAT_VERSION}")
+        mv = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        groups = header["groups"]
+        Z = {g: mv(tensors[f"Z.{i}"]) for i, g in enumerate(groups)}
+        modules = {}
+        for i, (name, gi) in enumerate(zip(header["modules"], header["module_groups"])):
+            s = tensors.get(f"s.{i}")
+            modules[name] = ModuleStatistics(groups[gi], mv(tensors[f"G.{i}"]), mv(tensors[f"y.{i}"]),
+                                             None if s is None else mv(s))
+        return cls(modules, Z, header["num_examples"], header["num_tokens"], header["num_skipped"],
+                   header["token_mask"], header["output_fisher"], header.get("meta", {}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Accumulation backends
+
+
+def get_ops(backend: str, device: torch.device):
+    """The module implementing ``sym_accumulate``/``grad_stats`` for ``backend`` on ``device``."""
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return reference
+    try:
+        from . import ops
+    except ImportError as exc:
+        if backend == "auto":
+            return reference
+        raise ConfigError(f"backend='triton' needs triton ({exc})") from None
+    return ops
+
+
+def _input_group_probe(model: nn.Module, targets: Dict[str, nn.Module], batch: Batch, device) -> Dict[str, str]:
+    """Map each target module to the first module (forward order) that receives the *same input tensor*.
+
+    Runs one short no-grad forward and compares input tensors by storage pointer, shape, strides and
+    dtype (like PEFT's EVA, this does not depend on module names). References to the inputs are held
+    during the probe so that no storage is reused while the comparison runs.
+    """
+    seen: List[Tuple[tuple, str, torch.Tensor]] = []
+    leader: Dict[str, str] = {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            x = inputs[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+            for k, lead, _ in seen:
+                if k == key:
+                    leader.setdefault(name, lead)
+                    return
+            seen.append((key, name, x))
+            leader.setdefault(name, name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
+    try:
+        width = min(batch.input_ids.shape[1], 8)
+        with torch.no_grad():
+            model(input_ids=batch.input_ids[:1, :width].to(device),
+                  attention_mask=batch.attention_mask[:1, :width].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    # Modules the probe never reached form their own group (a zero-statistics error comes later).
+    return {n: leader.get(n, n) for n in targets}
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is None:
+        raise ConfigError("the model has no input embedding layer to start the backward pass from")
+    return emb
+
+
+def per_example_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``sum_i L_i``, ``L_i`` = mean next-token cross-entropy over example ``i``'s label tokens (fp32)."""
+    shift_logits = logits[:, :-1].float()  # upcast: the loss and its gradient in fp32, as HF does
+    shift_labels = labels[:, 1:]
+    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return (ce.sum(dim=1) / counts).sum()
+
+
+class _Accumulator:
+    """Hooks and fp32 accumulators of one statistics pass."""
+
+    def __init__(self, targets: Dict[str, nn.Module], leaders: Dict[str, str], cfg: LoraDAConfig, ops):
+        self.targets, self.leaders, self.cfg, self.ops = targets, leaders, cfg, ops
+        self.G: Dict[str, torch.Tensor] = {}
+        self.y: Dict[str, torch.Tensor] = {}
+        self.Z: Dict[str, torch.Tensor] = {}
+        self.seq: Dict[str, List[torch.Tensor]] = {n: [] for n in targets}
+        for name, m in targets.items():
+            d_out, d_in = linear_shape(m)
+            dev = m.weight.device
+            self.G[name] = torch.zeros(d_out, d_in, dtype=torch.float32, device=dev)
+            self.y[name] = torch.zeros(d_out, dtype=torch.float32, device=dev)
+            if leaders[name] == name:
+                self.Z[name] = torch.zeros(d_in, d_in, dtype=torch.float32, device=dev)
+        self.masks: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    def set_batch(self, batch: Batch, token_mask: str, device) -> None:
+        attn = batch.attention_mask.to(device).bool()
+        if token_mask == "attention":
+            stat = attn
+        else:  # position t is selected when its next label is not -100
+            nxt = torch.zeros_like(attn)
+            nxt[:, :-1] = batch.labels[:, 1:].to(device) != IGNORE_INDEX
+            stat = nxt & attn
+        b, t = attn.shape
+        seq_ids = torch.arange(b, device=device).repeat_interleave(t)
+        self.batch_size = b
+        self.masks = (attn.reshape(-1), stat.reshape(-1), seq_ids)
+
+    def forward_hook(self, name: str) -> Callable:
+        def fn(module, inputs, output):
+            # No graph (probe, or the first forward of reentrant checkpointing): nothing to collect.
+            if not isinstance(output, torch.Tensor) or not output.requires_grad or self.masks is None:
+                return
+            x = inputs[0]
+            output.register_hook(lambda g: self._backward(name, x, g))
+        return fn
+
+    def _backward(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        grad_mask, stat_mask, seq_ids = self.masks
+        dev = self.G[name].device
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
+        if x2.shape[0] != grad_mask.shape[0]:
+            raise DataError(f"module {name} receives {x2.shape[0]} rows for {grad_mask.shape[0]} tokens: "
+                            "its input is not laid out per token")
+        if grad_mask.device != dev:  # model split across devices: masks follow the module
+            grad_mask, stat_mask, seq_ids = (t.to(dev) for t in (grad_mask, stat_mask, seq_ids))
+        if name in self.Z:
+            self.ops.sym_accumulate(self.Z[name], x2, stat_mask)
+        seq = None
+        if self.cfg.output_fisher == "sequence_lowrank":
+            seq = torch.zeros(self.batch_size, g2.shape[1], dtype=torch.float32, device=dev)
+            self.seq[name].append(seq)
+        self.ops.grad_stats(self.G[name], self.y[name], g2, x2, grad_mask, stat_mask,
+                            seq_sums=seq, seq_ids=seq_ids)
+
+
+def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
+                       progress: bool = True, num_examples: Optional[int] = None) -> FisherStatistics:
+    """One forward+backward pass over ``examples``; returns the :class:`FisherStatistics`.
+
+    ``examples``: dicts with ``input_ids`` (and optionally ``attention_mask``, ``labels``), 1-D examples
+    or 2-D padded batches, or a ``DataLoader`` of either. Examples without a label token are skipped and
+    counted. The model's parameters, ``requires_grad`` flags and train/eval modes are restored on exit.
+    ``num_examples`` (optional) sizes the progress bar.
+    """
+    if not isinstance(cfg, LoraDAConfig):
+        raise ConfigError("cfg must be a LoraDAConfig")
+    targets = find_target_modules(model, cfg.target_modules)
+    emb = _input_embeddings(model)
+    device = emb.weight.device
+    ops = get_ops(cfg.backend, next(iter(targets.values())).weight.device)
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+
+    skipped = 0
+
+    def usable():
+        nonlocal skipped
+        for e in iter_examples(examples):
+            if e.num_label_tokens == 0:
+                skipped += 1
+                continue
+            yield e
+
+    batches = iter_batches(usable(), cfg.batch_size, pad_id)
+    first = next(batches, None)
+    if first is None:
+        raise DataError("no usable calibration example (every example is empty or has no label token)"
+                        if skipped else "no calibration examples were given")
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    handles = []
+    n = T = 0
+    try:
+        model.eval()  # dropout off: statistics at W0, independent of random masks
+        for p in model.parameters():
+            p.requires_grad_(False)
+        leaders = _input_group_probe(model, targets, first, device)
+        acc = _Accumulator(targets, leaders, cfg, ops)
+        handles = [m.register_forward_hook(acc.forward_hook(name)) for name, m in targets.items()]
+        handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
+
+        from tqdm.auto import tqdm
+        bar = tqdm(total=num_examples, desc="statistics", unit="ex", disable=not progress, dynamic_ncols=True)
+        with torch.enable_grad():
+            for batch in itertools.chain([first], batches):
+                acc.set_batch(batch, cfg.token_mask, device)
+                out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                            use_cache=False)
+                logits = out.logits if hasattr(out, "logits") else out[0]
+                loss = per_example_loss_sum(logits, batch.labels.to(logits.device))
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"non-finite loss in the statistics pass (examples {n}..{n + batch.batch_size - 1})")
+                loss.backward()
+                n += batch.batch_size
+                T += int(acc.masks[1].sum())
+                bar.update(batch.batch_size)
+                bar.set_postfix(tokens=T, refresh=False)
+        bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        for m, t in modes.items():
+            m.training = t
+    if T == 0:
+        raise DataError("the token mask selects no token in the whole calibration set")
+    return _finalize(acc, n, T, skipped, cfg, model)
+
+
+def _finalize(acc: _Accumulator, n: int, T: int, skipped: int, cfg: LoraDAConfig, model) -> FisherStatistics:
+    Z = {g: reference.symmetrize_upper(z).div_(T) for g, z in acc.Z.items()}
+    modules = {}
+    for name in acc.G:
+        seq = torch.cat(acc.seq[name]) if acc.seq[name] else None
+        modules[name] = ModuleStatistics(acc.leaders[name], acc.G[name].div_(n), acc.y[name].div_(T), seq)
+    stats = FisherStatistics(modules, Z, n, T, skipped, cfg.token_mask, cfg.output_fisher,
+                             meta={"model_class": type(model).__name__})
+    check_finite(stats)
+    return stats
+
+
+def check_finite(stats: FisherStatistics) -> None:
+    """Raise :class:`NumericalError` naming the first module whose statistics hold NaN or inf."""
+    for g, z in stats.Z.items():
+        if not torch.isfinite(z).all():
+            raise NumericalError(f"non-finite input statistics Z in module {g} (overflow in the model's dtype?)")
+    for name, st in stats.modules.items():
+        for label, t in (("gradient G", st.G), ("output moment y", st.y), ("sequence sums", st.seq_sums)):
+            if t is not None and not torch.isfinite(t).all():
+                raise NumericalError(f"non-finite {label} in module {name} (overflow in the model's dtype?)")

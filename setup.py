@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="lora_da_fast",
+    version="0.1.0",
+    description="Fast, exact LoRA-DA (data-aware LoRA initialisation) for Hugging Face models",
+    python_requires=">=3.10",
+    packages=["lora_da_fast", "lora_da_fast.kernels"],
+    package_dir={"lora_da_fast": "lora_da_fast", "lora_da_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.46",
+        "peft>=0.13",
+        "numpy",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "demo": ["gguf", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["lora-da-fast=lora_da_fast.cli:main"]},
+)
