@@ -14,11 +14,11 @@ the input embeddings (their output is made to require grad), and ``G`` is accumu
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch import nn
 
 from . import reference
 from .config import LoraDAConfig
-from .data import IGNORE_INDEX, Batch, iter_batches, iter_examples
+from .data import IGNORE_INDEX, Batch, Example, iter_batches, iter_examples
 from .errors import ConfigError, DataError, NumericalError
 from .targets import find_target_modules, linear_shape
 
@@ -147,10 +147,10 @@ def get_ops(backend: str, device: torch.device):
     return ops
 
 
-def _input_group_probe(model: nn.Module, targets: Dict[str, nn.Module], batch: Batch, device) -> Dict[str, str]:
+def _input_group_probe(model: nn.Module, targets: Dict[str, nn.Module], device) -> Dict[str, str]:
     """Map each target module to the first module (forward order) that receives the *same input tensor*.
 
-    Runs one short no-grad forward and compares input tensors by storage pointer, shape, strides and
+    Runs one short no-grad forward (a dummy 4-token input) and compares input tensors by storage pointer, shape, strides and
     dtype (like PEFT's EVA, this does not depend on module names). References to the inputs are held
     during the probe so that no storage is reused while the comparison runs.
     """
@@ -171,10 +171,9 @@ def _input_group_probe(model: nn.Module, targets: Dict[str, nn.Module], batch: B
 
     handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
     try:
-        width = min(batch.input_ids.shape[1], 8)
+        ids = torch.zeros(1, 4, dtype=torch.long, device=device)
         with torch.no_grad():
-            model(input_ids=batch.input_ids[:1, :width].to(device),
-                  attention_mask=batch.attention_mask[:1, :width].to(device), use_cache=False)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -261,6 +260,117 @@ class _Accumulator:
                             seq_sums=seq, seq_ids=seq_ids)
 
 
+class StatisticsPass:
+    """One statistics pass: hooks on the target modules, fp32 accumulators and counters.
+
+    Use as a context manager; inside it, feed batches to :meth:`step`; after it, :meth:`finalize`.
+    On entry the model is put in eval mode with every parameter frozen, and the input groups are
+    detected; on exit the hooks are removed and ``requires_grad`` flags and modes restored exactly.
+    ``targets`` (``{name: module}``) restricts the pass to a subset of the target modules (used to
+    stream a large model through several passes).
+
+    The accumulators (sums, not means) and counters are plain tensors/ints: :meth:`state_dict` and
+    :meth:`load_state_dict` checkpoint them; the distributed module all-reduces them.
+    """
+
+    def __init__(self, model: nn.Module, cfg: LoraDAConfig, targets: Optional[Dict[str, nn.Module]] = None):
+        if not isinstance(cfg, LoraDAConfig):
+            raise ConfigError("cfg must be a LoraDAConfig")
+        self.model, self.cfg = model, cfg
+        self.targets = targets if targets is not None else find_target_modules(model, cfg.target_modules)
+        self.emb = _input_embeddings(model)
+        self.device = self.emb.weight.device
+        self.ops = get_ops(cfg.backend, next(iter(self.targets.values())).weight.device)
+        self.pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+        self.n = self.T = self.skipped = 0
+        self.acc: Optional[_Accumulator] = None
+        self._handles: list = []
+        self._saved = None
+
+    def __enter__(self) -> "StatisticsPass":
+        model = self.model
+        self._saved = ({p: p.requires_grad for p in model.parameters()}, {m: m.training for m in model.modules()})
+        try:
+            model.eval()  # dropout off: statistics at W0, independent of random masks
+            for p in model.parameters():
+                p.requires_grad_(False)
+            leaders = _input_group_probe(model, self.targets, self.device)
+            self.acc = _Accumulator(self.targets, leaders, self.cfg, self.ops)
+            self._handles = [m.register_forward_hook(self.acc.forward_hook(name)) for name, m in self.targets.items()]
+            # Gradients start at the input embeddings: no parameter needs (or gets) a .grad.
+            self._handles.append(self.emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._saved is not None:
+            flags, modes = self._saved
+            for p, f in flags.items():
+                p.requires_grad_(f)
+            for m, t in modes.items():
+                m.training = t
+            self._saved = None
+
+    def usable(self, examples: Iterable) -> Iterator[Example]:
+        """Single examples from ``examples``; those without a label token are skipped and counted."""
+        for e in iter_examples(examples):
+            if e.num_label_tokens == 0:
+                self.skipped += 1
+                continue
+            yield e
+
+    def step(self, batch: Batch) -> None:
+        """Forward and backward of one batch; the hooks accumulate every statistic."""
+        acc = self.acc
+        acc.set_batch(batch, self.cfg.token_mask, self.device)
+        with torch.enable_grad():
+            out = self.model(input_ids=batch.input_ids.to(self.device),
+                             attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            loss = per_example_loss_sum(logits, batch.labels.to(logits.device))
+            if not torch.isfinite(loss):
+                raise NumericalError(f"non-finite loss in the statistics pass (examples {self.n}.."
+                                     f"{self.n + batch.batch_size - 1} of this pass)")
+            loss.backward()
+        self.n += batch.batch_size
+        self.T += int(acc.masks[1].sum())
+
+    def state_dict(self) -> Dict[str, object]:
+        acc = self.acc
+        return {"n": self.n, "T": self.T, "skipped": self.skipped, "G": acc.G, "y": acc.y, "Z": acc.Z,
+                "seq": {k: (torch.cat(v) if v else None) for k, v in acc.seq.items()}}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        acc = self.acc
+        self.n, self.T, self.skipped = int(state["n"]), int(state["T"]), int(state["skipped"])
+        for key in ("G", "y", "Z"):
+            mine = getattr(acc, key)
+            if set(mine) != set(state[key]):
+                raise DataError(f"checkpoint does not match this model's target modules ({key})")
+            for name, t in state[key].items():
+                mine[name].copy_(t)
+        for name, t in state["seq"].items():
+            acc.seq[name] = [] if t is None else [t.to(acc.G[name].device)]
+
+    def finalize(self) -> FisherStatistics:
+        """Means from the sums (all-reduced over ranks first when torch.distributed is initialised)."""
+        from . import distributed
+
+        if distributed.is_active():
+            distributed.all_reduce_pass(self)
+        if self.n == 0:
+            raise DataError("no usable calibration example (every example is empty or has no label token)"
+                            if self.skipped else "no calibration examples were given")
+        if self.T == 0:
+            raise DataError("the token mask selects no token in the whole calibration set")
+        return _finalize(self.acc, self.n, self.T, self.skipped, self.cfg, self.model)
+
+
 def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
                        progress: bool = True, num_examples: Optional[int] = None) -> FisherStatistics:
     """One forward+backward pass over ``examples``; returns the :class:`FisherStatistics`.
@@ -268,72 +378,26 @@ def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     ``examples``: dicts with ``input_ids`` (and optionally ``attention_mask``, ``labels``), 1-D examples
     or 2-D padded batches, or a ``DataLoader`` of either. Examples without a label token are skipped and
     counted. The model's parameters, ``requires_grad`` flags and train/eval modes are restored on exit.
-    ``num_examples`` (optional) sizes the progress bar.
+    ``num_examples`` (optional) sizes the progress bar. Under an initialised ``torch.distributed``
+    process group, each rank takes its shard of the examples and the sums are all-reduced.
     """
-    if not isinstance(cfg, LoraDAConfig):
-        raise ConfigError("cfg must be a LoraDAConfig")
-    targets = find_target_modules(model, cfg.target_modules)
-    emb = _input_embeddings(model)
-    device = emb.weight.device
-    ops = get_ops(cfg.backend, next(iter(targets.values())).weight.device)
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    from tqdm.auto import tqdm
 
-    skipped = 0
+    from . import distributed
 
-    def usable():
-        nonlocal skipped
-        for e in iter_examples(examples):
-            if e.num_label_tokens == 0:
-                skipped += 1
-                continue
-            yield e
-
-    batches = iter_batches(usable(), cfg.batch_size, pad_id)
-    first = next(batches, None)
-    if first is None:
-        raise DataError("no usable calibration example (every example is empty or has no label token)"
-                        if skipped else "no calibration examples were given")
-
-    flags = {p: p.requires_grad for p in model.parameters()}
-    modes = {m: m.training for m in model.modules()}
-    handles = []
-    n = T = 0
-    try:
-        model.eval()  # dropout off: statistics at W0, independent of random masks
-        for p in model.parameters():
-            p.requires_grad_(False)
-        leaders = _input_group_probe(model, targets, first, device)
-        acc = _Accumulator(targets, leaders, cfg, ops)
-        handles = [m.register_forward_hook(acc.forward_hook(name)) for name, m in targets.items()]
-        handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
-
-        from tqdm.auto import tqdm
+    with StatisticsPass(model, cfg) as sp:
+        stream = sp.usable(examples)
+        if distributed.is_active():
+            stream = distributed.shard(stream)
+            progress = progress and distributed.is_main()
         bar = tqdm(total=num_examples, desc="statistics", unit="ex", disable=not progress, dynamic_ncols=True)
-        with torch.enable_grad():
-            for batch in itertools.chain([first], batches):
-                acc.set_batch(batch, cfg.token_mask, device)
-                out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                            use_cache=False)
-                logits = out.logits if hasattr(out, "logits") else out[0]
-                loss = per_example_loss_sum(logits, batch.labels.to(logits.device))
-                if not torch.isfinite(loss):
-                    raise NumericalError(f"non-finite loss in the statistics pass (examples {n}..{n + batch.batch_size - 1})")
-                loss.backward()
-                n += batch.batch_size
-                T += int(acc.masks[1].sum())
-                bar.update(batch.batch_size)
-                bar.set_postfix(tokens=T, refresh=False)
+        start = time.perf_counter()
+        for batch in iter_batches(stream, cfg.batch_size, sp.pad_id):
+            sp.step(batch)
+            bar.update(batch.batch_size)
+            bar.set_postfix(tok_per_s=f"{sp.T / max(time.perf_counter() - start, 1e-9):.0f}", refresh=False)
         bar.close()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        for m, t in modes.items():
-            m.training = t
-    if T == 0:
-        raise DataError("the token mask selects no token in the whole calibration set")
-    return _finalize(acc, n, T, skipped, cfg, model)
+    return sp.finalize()
 
 
 def _finalize(acc: _Accumulator, n: int, T: int, skipped: int, cfg: LoraDAConfig, model) -> FisherStatistics:
