@@ -1,0 +1,126 @@
+"""Shared test helpers: tiny random models, random calibration data, and the float64 brute force."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+import torch
+
+from lora_da_fast.data import IGNORE_INDEX
+from lora_da_fast.targets import find_target_modules, is_conv1d
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden + hidden // 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def tiny_gpt2(seed: int = 0, dtype=torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)  # dropout on: the pass must disable it
+    return GPT2LMHeadModel(cfg).to(dtype)
+
+
+def random_examples(n: int, seed: int = 0, min_len: int = 3, max_len: int = 14, prompt_frac: float = 0.0
+                    ) -> List[Dict[str, torch.Tensor]]:
+    """1-D examples of random lengths; with ``prompt_frac`` a prefix gets label -100 (prompt tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(0, VOCAB, (length,), generator=g)
+        labels = ids.clone()
+        k = int(prompt_frac * length)
+        labels[:k] = IGNORE_INDEX
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def pad_batch(examples, side: str = "right", pad_id: int = 0) -> Dict[str, torch.Tensor]:
+    """One 2-D padded batch, as a user's collator would make it."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        sl = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, sl] = e["input_ids"]
+        mask[i, sl] = 1
+        labels[i, sl] = e["labels"]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def brute_force_statistics(model, examples, target_modules="all-linear", token_mask="attention"):
+    """Float64 statistics, one example at a time, with plain autograd (no code of the library's pass).
+
+    ``G`` comes from ``weight.grad`` of Hugging Face's own loss (``model(..., labels=...).loss``, the
+    mean over the example's label tokens); ``Z``, ``y`` and the sequence sums from per-token inputs and
+    output gradients captured with ``retain_grad``.
+    """
+    model = copy.deepcopy(model).double().eval()
+    targets = find_target_modules(model, target_modules)
+    G = {n: 0.0 for n in targets}
+    Zs = {n: 0.0 for n in targets}
+    ys = {n: 0.0 for n in targets}
+    seq = {n: [] for n in targets}
+    T = 0
+    n_used = 0
+    for e in examples:
+        ids = e["input_ids"][None]
+        labels = e["labels"][None]
+        if int((labels[0, 1:] != IGNORE_INDEX).sum()) == 0:
+            continue
+        n_used += 1
+        cap = {}
+
+        def hook(name):
+            def fn(m, i, o):
+                o.retain_grad()
+                cap[name] = (i[0].detach()[0], o)
+            return fn
+
+        hs = [m.register_forward_hook(hook(nm)) for nm, m in targets.items()]
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        for h in hs:
+            h.remove()
+        if token_mask == "attention":
+            sel = torch.ones(ids.shape[1], dtype=torch.bool)
+        else:
+            sel = torch.zeros(ids.shape[1], dtype=torch.bool)
+            sel[:-1] = labels[0, 1:] != IGNORE_INDEX
+        T += int(sel.sum())
+        for name, m in targets.items():
+            x, o = cap[name]
+            delta = o.grad[0]
+            w = m.weight.grad
+            G[name] = G[name] + (w.T if is_conv1d(m) else w)
+            xs, ds = x[sel], delta[sel]
+            Zs[name] = Zs[name] + xs.T @ xs
+            ys[name] = ys[name] + (ds * ds).sum(0)
+            seq[name].append(ds.sum(0))
+    return {
+        "G": {k: v / n_used for k, v in G.items()},
+        "Z": {k: v / T for k, v in Zs.items()},
+        "y": {k: v / T for k, v in ys.items()},
+        "seq": {k: torch.stack(v) for k, v in seq.items()},
+        "n": n_used,
+        "T": T,
+    }
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp(min=1e-300))
