@@ -211,6 +211,9 @@ def solve_lora_da(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = F
                           f"the config asks for {cfg.output_fisher!r}")
     check_rank(stats, cfg.rank)
     check_nonzero(stats)
+    from . import distributed  # under torch.distributed, each rank solves its share of the modules
+    if distributed.sharding_enabled():
+        return distributed.solve_sharded(stats, cfg, progress=progress)
     if cfg.solver != "reference":
         try:
             from .batched_solver import solve_batched
