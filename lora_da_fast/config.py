@@ -41,6 +41,12 @@ class LoraDAConfig:
         target_modules: ``"all-linear"``, a regex (full match on the module name), or a list of names
             (a full name, or a suffix after a dot), as PEFT matches them.
         batch_size: examples per forward/backward pass; the result does not depend on it.
+        sort_by_length: batch examples of similar length together (less padding); the result does not
+            depend on it.
+        layers_per_pass: ``None`` gathers every target module's statistics in one pass; an integer
+            ``k`` streams the model through passes of ``k`` layers each (statistics of a slice are solved
+            and freed before the next pass: bounded memory, one data pass per slice); ``"auto"`` plans
+            ``k`` from free device memory (one pass when everything fits).
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
         solver: ``"auto"`` (batched), ``"batched"`` or ``"reference"`` (per-module dense float64).
         max_damping: bound for the damping retries when a Cholesky factorisation fails.
@@ -58,6 +64,8 @@ class LoraDAConfig:
     output_fisher: str = "diagonal"
     target_modules: Union[str, List[str]] = "all-linear"
     batch_size: int = 8
+    sort_by_length: bool = True
+    layers_per_pass: Union[int, str, None] = None
     backend: str = "auto"
     solver: str = "auto"
     max_damping: float = 1.0
@@ -105,6 +113,11 @@ class LoraDAConfig:
                 f"target_modules must be 'all-linear', a regex or a list of names, got {self.target_modules!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.sort_by_length, bool):
+            raise ConfigError(f"sort_by_length must be True or False, got {self.sort_by_length!r}")
+        lpp = self.layers_per_pass
+        if not (lpp is None or lpp == "auto" or (isinstance(lpp, int) and not isinstance(lpp, bool) and lpp >= 1)):
+            raise ConfigError(f"layers_per_pass must be None, 'auto' or a positive integer, got {lpp!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.solver not in SOLVERS:

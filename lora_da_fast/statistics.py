@@ -9,8 +9,8 @@ a batch of one would give. Examples are re-batched with right padding (position 
 padding rows are masked out of every statistic.
 
 The base weights never get a ``.grad``: every parameter is frozen during the pass, gradients flow from
-the input embeddings (their output is made to require grad), and ``G`` is accumulated in the hooks as
-``delta^T x``.
+the inputs of the target modules (made to require grad by a pre-hook, so the backward pass stops at the
+earliest target), and ``G`` is accumulated in the hooks as ``delta^T x``.
 """
 from __future__ import annotations
 
@@ -181,6 +181,14 @@ def _input_group_probe(model: nn.Module, targets: Dict[str, nn.Module], device) 
     return {n: leader.get(n, n) for n in targets}
 
 
+def _start_graph(module: nn.Module, args) -> None:
+    """Forward pre-hook: make a target's input require grad if nothing upstream does (all weights are
+    frozen during the pass), so that autograd records everything downstream of it."""
+    x = args[0] if args else None
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+        x.requires_grad_(True)
+
+
 def _input_embeddings(model: nn.Module) -> nn.Module:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is None:
@@ -297,8 +305,9 @@ class StatisticsPass:
             leaders = _input_group_probe(model, self.targets, self.device)
             self.acc = _Accumulator(self.targets, leaders, self.cfg, self.ops)
             self._handles = [m.register_forward_hook(self.acc.forward_hook(name)) for name, m in self.targets.items()]
-            # Gradients start at the input embeddings: no parameter needs (or gets) a .grad.
-            self._handles.append(self.emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
+            # Gradients start at the inputs of the target modules: no parameter needs (or gets) a .grad,
+            # and the backward pass stops at the earliest target instead of running down to the embeddings.
+            self._handles += [m.register_forward_pre_hook(_start_graph) for m in self.targets.values()]
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -371,6 +380,42 @@ class StatisticsPass:
         return _finalize(self.acc, self.n, self.T, self.skipped, self.cfg, self.model)
 
 
+def prepare_examples(sp: "StatisticsPass", examples: Iterable) -> List[Example]:
+    """The usable examples of ``examples`` (skipped ones counted in ``sp.skipped``), longest first when
+    ``cfg.sort_by_length`` (batches of similar lengths waste little on padding; the statistics do not
+    depend on the order), and this rank's shard of them under torch.distributed."""
+    from . import distributed
+
+    exs = list(sp.usable(examples))
+    if sp.cfg.sort_by_length:
+        exs.sort(key=len, reverse=True)  # stable: ties keep the user's order
+    if distributed.is_active():
+        # every rank saw (and counted) every example; the count is summed over ranks later
+        if not distributed.is_main():
+            sp.skipped = 0
+        exs = list(distributed.shard(exs))
+    return exs
+
+
+def run_pass(sp: "StatisticsPass", examples: List[Example], progress: bool = True, desc: str = "statistics") -> None:
+    """Feed ``examples`` to ``sp`` in batches of ``cfg.batch_size``, with a progress bar (tokens/s)."""
+    from tqdm.auto import tqdm
+
+    from . import distributed
+
+    progress = progress and distributed.is_main()
+    bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    start, t0 = time.perf_counter(), sp.T
+    try:
+        for batch in iter_batches(examples, sp.cfg.batch_size, sp.pad_id):
+            sp.step(batch)
+            bar.update(batch.batch_size)
+            rate = (sp.T - t0) / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(tok_per_s=f"{rate:.0f}", refresh=False)
+    finally:
+        bar.close()
+
+
 def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
                        progress: bool = True, num_examples: Optional[int] = None) -> FisherStatistics:
     """One forward+backward pass over ``examples``; returns the :class:`FisherStatistics`.
@@ -378,25 +423,12 @@ def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     ``examples``: dicts with ``input_ids`` (and optionally ``attention_mask``, ``labels``), 1-D examples
     or 2-D padded batches, or a ``DataLoader`` of either. Examples without a label token are skipped and
     counted. The model's parameters, ``requires_grad`` flags and train/eval modes are restored on exit.
-    ``num_examples`` (optional) sizes the progress bar. Under an initialised ``torch.distributed``
-    process group, each rank takes its shard of the examples and the sums are all-reduced.
+    Under an initialised ``torch.distributed`` process group, each rank takes its shard of the examples
+    and the sums are all-reduced. (``num_examples`` is accepted for compatibility and ignored: the
+    examples are counted before the pass.)
     """
-    from tqdm.auto import tqdm
-
-    from . import distributed
-
     with StatisticsPass(model, cfg) as sp:
-        stream = sp.usable(examples)
-        if distributed.is_active():
-            stream = distributed.shard(stream)
-            progress = progress and distributed.is_main()
-        bar = tqdm(total=num_examples, desc="statistics", unit="ex", disable=not progress, dynamic_ncols=True)
-        start = time.perf_counter()
-        for batch in iter_batches(stream, cfg.batch_size, sp.pad_id):
-            sp.step(batch)
-            bar.update(batch.batch_size)
-            bar.set_postfix(tok_per_s=f"{sp.T / max(time.perf_counter() - start, 1e-9):.0f}", refresh=False)
-        bar.close()
+        run_pass(sp, prepare_examples(sp, examples), progress)
     return sp.finalize()
 
 
