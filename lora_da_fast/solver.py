@@ -51,6 +51,7 @@ class LoraDAResult(dict):
     def __init__(self, factors=None, reports=None):
         super().__init__(factors or {})
         self.reports: Dict[str, ModuleReport] = reports or {}
+        self.info: Dict[str, object] = {}  # run-level facts (plan, timings) when made by run_lora_da
 
 
 # --------------------------------------------------------------------------------------------------

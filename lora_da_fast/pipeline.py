@@ -1,0 +1,116 @@
+"""Statistics and solve end to end, with memory planning: when the statistics of every target do not
+fit at once, the model is streamed through several passes of ``layers_per_pass`` layers; each slice's
+statistics are solved and freed before the next pass."""
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import LoraDAConfig
+from .data import Example
+from .solver import LoraDAResult, solve_lora_da
+from .statistics import StatisticsPass, prepare_examples, run_pass
+from .targets import find_target_modules, linear_shape
+
+# Fraction of the free device memory that the planner gives to statistics; the rest is for the
+# activations of the pass and the solver's workspace.
+STATS_MEMORY_FRACTION = 0.5
+
+
+def layer_of(name: str) -> str:
+    """The layer a module belongs to: its name up to the first numeric component
+    (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``); modules outside numbered layers map to ''."""
+    m = re.match(r"^(.*?\.\d+)(\.|$)", name)
+    return m.group(1) if m else ""
+
+
+def statistics_bytes(targets: Dict[str, nn.Module]) -> Dict[str, int]:
+    """fp32 bytes of each module's statistics: ``G`` and ``y``, plus ``Z`` counted once per distinct
+    input (modules of one layer with the same ``d_in`` may share it; counted pessimistically once per
+    distinct ``(layer, d_in)`` so the estimate does not need a forward pass)."""
+    out, seen = {}, set()
+    for name, m in targets.items():
+        d_out, d_in = linear_shape(m)
+        b = 4 * (d_out * d_in + d_out)
+        key = (layer_of(name), d_in, m.weight.device)
+        if key not in seen:
+            seen.add(key)
+            b += 4 * d_in * d_in
+        out[name] = b
+    return out
+
+
+def plan_slices(targets: Dict[str, nn.Module], cfg: LoraDAConfig) -> Tuple[List[List[str]], dict]:
+    """Split the targets into slices of whole layers. Returns the slices and a description of the plan."""
+    layers: Dict[str, List[str]] = {}
+    for name in targets:
+        layers.setdefault(layer_of(name), []).append(name)
+    order = list(layers)
+    need = statistics_bytes(targets)
+    total = sum(need.values())
+    lpp = cfg.layers_per_pass
+    budget = None
+    if lpp == "auto":
+        dev = next(iter(targets.values())).weight.device
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            budget = int(free * STATS_MEMORY_FRACTION)
+            passes = max(1, math.ceil(total / max(budget, 1)))
+            lpp = math.ceil(len(order) / passes)
+        else:
+            lpp = None  # host memory: one pass
+    if lpp is None:
+        lpp = len(order)
+    slices = [sum((layers[l] for l in order[i:i + lpp]), []) for i in range(0, len(order), lpp)]
+    info = {"layers": len(order), "layers_per_pass": lpp, "passes": len(slices),
+            "statistics_gb": total / 1e9, "budget_gb": None if budget is None else budget / 1e9,
+            "largest_slice_gb": max(sum(need[n] for n in s) for s in slices) / 1e9}
+    return slices, info
+
+
+def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, progress: bool = True,
+                log=print) -> LoraDAResult:
+    """Statistics pass(es) and solve: ``{module_name: LoraFactors}`` with ``.reports`` and ``.info``
+    (the memory plan, the time of each phase, token and example counts)."""
+    targets = find_target_modules(model, cfg.target_modules)
+    slices, plan = plan_slices(targets, cfg)
+    if progress and log is not None:
+        log(f"plan: {len(targets)} target modules in {plan['layers']} layers, statistics "
+            f"{plan['statistics_gb']:.2f} GB fp32; {plan['passes']} pass(es) of {plan['layers_per_pass']} layers")
+    result = LoraDAResult()
+    t_stats = t_solve = 0.0
+    exs: Optional[List[Example]] = None
+    counts = {}
+    for i, names in enumerate(slices):
+        t0 = time.perf_counter()
+        with StatisticsPass(model, cfg, targets={n: targets[n] for n in names}) as sp:
+            if exs is None:
+                exs = prepare_examples(sp, examples)
+                skipped = sp.skipped
+            else:
+                sp.skipped = skipped
+            desc = "statistics" if len(slices) == 1 else f"statistics {i + 1}/{len(slices)}"
+            run_pass(sp, exs, progress, desc=desc)
+        stats = sp.finalize()
+        _sync(stats)
+        t1 = time.perf_counter()
+        part = solve_lora_da(stats, cfg, progress=progress)
+        result.update(part)
+        result.reports.update(part.reports)
+        counts = {"examples": stats.num_examples, "tokens": stats.num_tokens, "skipped": stats.num_skipped}
+        del stats, part
+        _sync(None)
+        t_stats += t1 - t0
+        t_solve += time.perf_counter() - t1
+    result.info = {"plan": plan, "statistics_s": t_stats, "solve_s": t_solve, **counts}
+    return result
+
+
+def _sync(stats) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
