@@ -300,6 +300,11 @@ class StatisticsPass:
         self._saved = ({p: p.requires_grad for p in model.parameters()}, {m: m.training for m in model.modules()})
         try:
             model.eval()  # dropout off: statistics at W0, independent of random masks
+            # ...but layers with gradient checkpointing enabled (transformers checks `self.training`)
+            # keep it: their own flag alone is set, so dropout in their children stays off.
+            for m in model.modules():
+                if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func"):
+                    m.training = True
             for p in model.parameters():
                 p.requires_grad_(False)
             leaders = _input_group_probe(model, self.targets, self.device)

@@ -182,3 +182,21 @@ def test_half_precision_models(dtype):
         assert st.G.dtype == torch.float32 and half.Z[st.group].dtype == torch.float32
         assert rel_err(st.G, ref.modules[name].G) < TOL["stats_invariance_half"], name
         assert rel_err(half.Z[st.group], ref.Z[st.group]) < TOL["stats_invariance_half"], name
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_statistics(reentrant):
+    model = tiny_llama(seed=6)
+    ex = random_examples(5, seed=7)
+    ref = _stats(model, ex, output_fisher="sequence_lowrank")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    layer = model.model.layers[0]
+    calls = []
+    orig = layer._gradient_checkpointing_func
+    layer._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    got = _stats(model, ex, output_fisher="sequence_lowrank")
+    assert calls, "checkpointing was not used during the pass"
+    assert model.training and model.model.layers[0].self_attn.training  # modes restored
+    _assert_same(ref, got, TOL["stats_invariance_fp32"])
