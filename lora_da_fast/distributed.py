@@ -171,10 +171,9 @@ def shard(items: Iterable[T]) -> Iterator[T]:
     """Round-robin shard: item ``i`` goes to rank ``i % world_size`` (shards differ by at most one; a
     rank may get none).
 
-    Give it the stream of *usable* examples (after the skip filter, as ``collect_statistics`` does):
-    every rank then reads the whole stream and counts the same skipped examples, which
-    :func:`all_reduce_pass` therefore takes once instead of summing, and the round-robin order lets it
-    restore the single-process order of the per-example sequence sums.
+    Give it the list of *usable* examples, in the order a single process would use them (as
+    ``statistics.prepare_examples`` does): the round-robin order then lets :func:`all_reduce_pass` put
+    the per-example sequence sums back in the single-process order.
     """
     _state.round_robin = True
     r, world = dist.get_rank(), dist.get_world_size()
@@ -217,19 +216,17 @@ def _exchange(where: str, payload: Sequence[int] = (), error: Optional[BaseExcep
         failed = [r for r in range(world) if table[r, 0] != 0]
         messages: List[Optional[str]] = [None] * world
         if failed:
-            dist.all_gather_object(messages, _message(error) if error is not None else None)
+            dist.all_gather_object(messages, f"{where}: {_message(error)}" if error is not None else None)
     except Exception as exc:
         if error is not None:  # already failing: keep the original error, the caller re-raises it
             return torch.zeros(world, _STATUS_WIDTH, dtype=torch.int64)
         raise DistributedError(
             f"rank {me}: the status exchange before {where} failed: another rank exited or did not arrive "
             f"within the process-group timeout ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). "
-            "The failing rank's own log has the cause; nothing was written.") from exc
+            "The failing rank's own log has the cause.") from exc
     if failed and error is None:
-        detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
-        which = ", ".join(str(r) for r in failed)
-        raise DistributedError(f"rank {which} failed during {where} ({detail}); rank {me} stops too, "
-                               "nothing was written")
+        detail = "; ".join(f"rank {r} failed in {messages[r]}" for r in failed)
+        raise DistributedError(f"{detail} -- so rank {me} stops before {where}")
     return table
 
 
@@ -246,8 +243,6 @@ def report_failure(exc: BaseException, where: str = "the statistics pass") -> No
         _exchange(where, error=exc)
     except Exception:  # pragma: no cover - _exchange already swallows errors of failing ranks
         pass
-    finally:
-        _state.round_robin = False
 
 
 @contextlib.contextmanager
@@ -376,14 +371,14 @@ def all_reduce_pass(sp, bucket_bytes: Optional[int] = None) -> None:
     """Sum a :class:`~lora_da_fast.statistics.StatisticsPass`'s accumulators and counters over all
     ranks, in place (called by ``StatisticsPass.finalize`` under an active process group).
 
-    Counts: ``n`` and ``T`` are summed; ``skipped`` is summed, except after :func:`shard` (every rank
-    read the whole stream, so every rank counted every skipped example). ``Z``: upper triangles
-    only. Sequence sums: all-gathered, in the single-process order after a round-robin :func:`shard`,
-    in rank order otherwise (the solver does not depend on that order).
+    Counts ``n``, ``T`` and ``skipped`` are summed (``prepare_examples`` lets only rank 0 count the
+    skipped examples, since every rank reads the whole stream). ``Z``: upper triangles only. Sequence
+    sums: all-gathered, in the single-process order after a round-robin :func:`shard`, in rank order
+    otherwise (the solver does not depend on that order).
     """
     acc = sp.acc
+    # Sticky: with layers_per_pass, one shard() feeds several passes.
     round_robin = bool(getattr(_state, "round_robin", False))
-    _state.round_robin = False
     cap = _bucket_elems(bucket_bytes)
     layout = _fingerprint([sp.cfg.output_fisher]
                           + [(k, tuple(t.shape)) for table in (acc.Z, acc.G, acc.y) for k, t in table.items()])
@@ -393,17 +388,9 @@ def all_reduce_pass(sp, bucket_bytes: Optional[int] = None) -> None:
         raise DistributedError("the ranks disagree on the statistics layout (target modules, their shapes or "
                                "output_fisher differ between ranks): every rank must load the same model "
                                "with the same configuration")
-    n_r = table[:, 1].tolist()
-    skipped = table[:, 3].tolist()
+    n_r = [int(v) for v in table[:, 1].tolist()]
     round_robin = bool(table[:, 4].min() == 1)
-    sp.n, sp.T = int(sum(n_r)), int(table[:, 2].sum())
-    if round_robin:
-        if len(set(skipped)) != 1:
-            raise DistributedError(f"ranks read different streams of examples (skipped counts {skipped}); "
-                                   "every rank must be given the whole calibration set")
-        sp.skipped = int(skipped[0])
-    else:
-        sp.skipped = int(sum(skipped))
+    sp.n, sp.T, sp.skipped = sum(n_r), int(table[:, 2].sum()), int(table[:, 3].sum())
 
     pieces: List[_Piece] = []
     for z in acc.Z.values():
