@@ -204,6 +204,7 @@ def _config(block_m, block_n, block_k, num_warps, num_stages, group_m=8):
 HALF_CONFIGS = [
     _config(128, 128, 64, 8, 3),
     _config(128, 128, 64, 8, 4),
+    _config(128, 128, 128, 8, 3),
     _config(64, 128, 64, 4, 4),
 ]
 # fp32 inputs, exact (FMA) products: smaller K steps keep the fp32 tiles in shared memory.

@@ -101,6 +101,7 @@ def _config(block, block_k, group, num_warps, num_stages):
 HALF_CONFIGS = [
     _config(128, 64, 8, 8, 3),
     _config(128, 64, 8, 8, 4),
+    _config(128, 128, 8, 8, 3),
     _config(64, 64, 8, 4, 4),
 ]
 # fp32 inputs, exact (FMA) products: smaller K steps keep the fp32 tiles in shared memory.

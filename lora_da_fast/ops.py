@@ -113,20 +113,31 @@ def _prune_by_dtype(half_configs, fp32_configs, arg):
     return prune
 
 
-@functools.lru_cache(maxsize=None)
+def _autotune() -> bool:
+    """``LORA_DA_FAST_AUTOTUNE=0`` launches the first config of each list without tuning (faster
+    start-up: fewer compilations, e.g. for tests); read at each call."""
+    return os.environ.get("LORA_DA_FAST_AUTOTUNE", "1") != "0"
+
+
 def _kernels():
+    return _build_kernels(_interpreted(), _autotune())
+
+
+@functools.lru_cache(maxsize=None)
+def _build_kernels(interpreted: bool, autotune: bool):
     import triton
 
     from .kernels import grad_stats as gk
     from .kernels import sym_accumulate as sk
 
     def tuned(module, fn, key, restore, dtype_arg):
-        if _interpreted():
+        if interpreted:
             return triton.autotune(configs=module.INTERPRETER_CONFIGS, key=key)(fn)
+        half, fp32 = (module.HALF_CONFIGS, module.FP32_CONFIGS) if autotune else \
+            (module.HALF_CONFIGS[:1], module.FP32_CONFIGS[:1])
         return triton.autotune(
-            configs=module.HALF_CONFIGS + module.FP32_CONFIGS, key=key, restore_value=restore,
-            prune_configs_by={"early_config_prune": _prune_by_dtype(module.HALF_CONFIGS, module.FP32_CONFIGS,
-                                                                    dtype_arg)})(fn)
+            configs=half + fp32, key=key, restore_value=restore,
+            prune_configs_by={"early_config_prune": _prune_by_dtype(half, fp32, dtype_arg)})(fn)
 
     sym = tuned(sk, sk._sym_accumulate_kernel, ["D"], ["z_ptr"], "x_ptr")
     grad = tuned(gk, gk._grad_stats_kernel, ["D_OUT", "D_IN"], ["g_ptr", "y_ptr", "seq_ptr"], "x_ptr")

@@ -24,6 +24,15 @@ CPU_DTYPES = [torch.float32, torch.float16]
 GUARD = 37
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_config_per_kernel():
+    """One config per kernel (no autotuning) in this module: on a GPU, each flag combination is then
+    compiled once instead of once per config. test_autotuning_keeps_earlier_sums turns tuning on."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_DA_FAST_AUTOTUNE", "0")
+        yield
+
+
 def guarded(shape, fill, device=DEVICE):
     """A contiguous fp32 tensor holding ``fill``, between NaN guard bands of the same buffer."""
     numel = 1
@@ -293,9 +302,10 @@ def test_grad_stats_gpu(dtype, weighted, seqs):
 
 
 @pytest.mark.gpu
-def test_autotuning_keeps_earlier_sums():
+def test_autotuning_keeps_earlier_sums(monkeypatch):
     """A first call on a new shape autotunes (several trial launches): the accumulators must end as
     ``before + one batch``, not ``before + trials x batch`` nor ``0 + batch``."""
+    monkeypatch.setenv("LORA_DA_FAST_AUTOTUNE", "1")
     d, d_out = 848, 720  # shapes no other test uses: forces a fresh tuning run
     out, torch_out, exact, _ = run_sym(2048, d, torch.bfloat16, 0.8, seed=9)
     assert_three_way(out, torch_out, exact, "Z while autotuning")
