@@ -44,6 +44,7 @@ _MAX_SPLITS = 64
 # Cost of one program's prologue/epilogue, in BLOCK_K steps (pipeline fill, tile read-add-write or
 # atomics): what a split must save to be worth it.
 _PROGRAM_OVERHEAD_STEPS = 4
+_SPLIT_MIN_GAIN = 0.05
 # Stand-in for the multiprocessor count under the CPU interpreter: small, so that tests see splits.
 _INTERPRETER_SMS = 4
 
@@ -71,8 +72,9 @@ def _num_splits(n_tiles: int, n_rows: int, block_k: int, num_sms: int) -> int:
     """Token splits (grid axis 1) minimising ``waves x (steps per split + overhead)``.
 
     Without splits, a small ``d`` gives fewer tiles than multiprocessors; splitting the tokens fills
-    them, at the price of atomics and one prologue/epilogue per split. The returned count never
-    leaves a split empty.
+    them, at the price of atomics and one prologue/epilogue per split. More splits must gain at least
+    ``_SPLIT_MIN_GAIN`` in this model (atomics traffic is not in it). The returned count never leaves
+    a split empty.
     """
     steps = -(-n_rows // block_k)
     best, best_cost = 1, None
@@ -81,7 +83,7 @@ def _num_splits(n_tiles: int, n_rows: int, block_k: int, num_sms: int) -> int:
         s_eff = -(-steps // per)  # the kernel gives `per` steps to each split: drop empty ones
         waves = -(-(n_tiles * s_eff) // num_sms)
         cost = waves * (per + _PROGRAM_OVERHEAD_STEPS)
-        if best_cost is None or cost < best_cost:
+        if best_cost is None or cost < best_cost * (1.0 - _SPLIT_MIN_GAIN):
             best, best_cost = s_eff, cost
     return best
 
@@ -197,6 +199,13 @@ def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
     return mask.contiguous().view(torch.uint8)
 
 
+def _check_runnable(device: torch.device) -> None:
+    if device.type != "cuda" and not _interpreted():
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors (got {device}); on a CPU use backend='torch', or set "
+            "TRITON_INTERPRET=1 before triton is first imported to run them under the interpreter (tests)")
+
+
 def _device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
@@ -233,6 +242,7 @@ def sym_accumulate(Z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor
     if x.dtype == torch.float64:
         reference.sym_accumulate(Z, x, mask)
         return
+    _check_runnable(x.device)
     x = _row_major(x)
     kernel, _ = _kernels()
     sms = _num_sms(x.device)
@@ -309,6 +319,7 @@ def grad_stats(
     if x.dtype == torch.float64 or d_in == 0:
         reference.grad_stats(G, y, dy, x, grad_mask, stat_mask, row_weight, seq_sums, seq_ids)
         return
+    _check_runnable(dev)
     dy, x = _row_major(dy), _row_major(x)
     w = None if row_weight is None else row_weight.to(torch.float32).contiguous()
 

@@ -283,8 +283,10 @@ def test_collect_statistics_triton_equals_torch(token_mask, output_fisher):
 # GPU: bf16, large shapes, autotuning, tf32 option
 
 
+# fp16 runs on the GPU through the small cases above; here bf16 (the interpreter cannot multiply bf16)
+# and fp32 at sizes with many tiles and splits. Few flag combinations: each one is a compilation.
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("n,d,p", [(5000, 576, 0.9), (3001, 1000, 0.5), (40, 2048, None)])
 def test_sym_accumulate_gpu(n, d, p, dtype):
     out, torch_out, exact, _ = run_sym(n, d, dtype, p, seed=7)
@@ -292,8 +294,9 @@ def test_sym_accumulate_gpu(n, d, p, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("weighted,seqs", [(False, 0), (False, 8), (True, 8), (True, 100)])
+@pytest.mark.parametrize("dtype,weighted,seqs", [
+    (torch.bfloat16, False, 0), (torch.bfloat16, False, 8), (torch.bfloat16, True, 8),
+    (torch.bfloat16, True, 100), (torch.float32, False, 8), (torch.float32, True, 0)], ids=str)
 def test_grad_stats_gpu(dtype, weighted, seqs):
     out, t, exact, _ = run_grad(3001, 1000, 1536, dtype, 0.9, 0.7, weighted, seqs, seed=8)
     for key in ("G", "y", "s"):
