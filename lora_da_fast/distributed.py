@@ -299,7 +299,7 @@ def _upper_pieces(Z: torch.Tensor, cap: int) -> List[_Piece]:
         rect = Z[i0:i1, i0:]  # rows i0..i1, columns from the diagonal of row i0 on
         mask = torch.ones(i1 - i0, d - i0, dtype=torch.bool, device=Z.device).triu()
         n = int((i1 - i0) * (d - i0) - (i1 - i0) * (i1 - i0 - 1) // 2)
-        out.append(_Piece(n, (lambda r=rect, m=mask: r[m]), (lambda x, r=rect, m=mask: r.masked_scatter_(m, x))))
+        out.append(_Piece(n, (lambda r=rect, m=mask: r[m]), (lambda x, r=rect, m=mask: r.masked_scatter_(m, x.to(r.device)))))
     return out
 
 
@@ -433,7 +433,7 @@ def _gather_sequence_sums(acc, n_r: List[int], round_robin: bool, cap: int, worl
             segments.append(_Piece(min(per_rank_cap, h * d_out - a), (lambda nm=nm, a=a: (nm, a)), None))
     for bucket in _buckets(segments, per_rank_cap):
         spans = [(*p.read(), p.numel) for p in bucket]
-        flat = torch.cat([padded[nm].view(-1)[a:a + k] for nm, a, k in spans]).to(dev)
+        flat = torch.cat([padded[nm].view(-1)[a:a + k].to(dev) for nm, a, k in spans])
         outs = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(outs, flat)
         for r in range(world):

@@ -412,3 +412,107 @@ def test_model_dispatched_by_accelerate_gives_the_same_statistics():
         assert rel_err(got.modules[name].seq_sums, st.seq_sums) < TOL["stats_invariance_fp32"]
     for g, z in want.Z.items():
         assert rel_err(got.Z[g], z) < TOL["stats_invariance_fp32"]
+
+
+# --------------------------------------------------------------------------------------------------
+# On a CUDA machine: the same with the model on the GPU (Triton accumulators fill only the upper
+# triangle of Z, which is all the all-reduce sends), with a model split between the GPU and the CPU by
+# accelerate, and the sharded solve with statistics on the GPU.
+
+GPU_DATA = dict(n=9, seed=7)
+GPU_STATS_CFG = dict(output_fisher="sequence_lowrank", batch_size=2)
+GPU_SOLVE_CFG = dict(output_fisher="sequence_lowrank", batch_size=2, population_size=1000, solver="auto")
+SPLIT_MAP = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+             "model.norm": "cpu", "lm_head": "cpu"}
+
+
+def _split_model(state_path: str):
+    import accelerate
+
+    # main_device="cpu": the CPU blocks run on the CPU (with a GPU main device accelerate would offload
+    # them: weights on the meta device, streamed in at each forward; not supported by the pass).
+    return accelerate.dispatch_model(_model(state_path), device_map=SPLIT_MAP, main_device="cpu")
+
+
+def _cpu_stats(st: FisherStatistics) -> dict:
+    d = _stats_dict(st)
+    move = (lambda t: None if t is None else t.cpu())
+    d.update({k: {n: move(t) for n, t in d[k].items()} for k in ("Z", "G", "y", "seq")})
+    d["devices"] = {n: str(m.G.device) for n, m in st.modules.items()}
+    return d
+
+
+def _gpu_worker(rank: int, port: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S * 4))
+    D.BUCKET_BYTES = 64 * 1024
+    out: dict = {}
+    try:
+        state = os.path.join(tmp, "model.pt")
+        examples = random_examples(GPU_DATA["n"], seed=GPU_DATA["seed"])
+        model = _model(state).cuda()
+        for backend in ("torch", "auto"):
+            st = collect_statistics(model, examples, LoraDAConfig(backend=backend, **GPU_STATS_CFG), progress=False)
+            out[backend] = _cpu_stats(st)
+        st = collect_statistics(_split_model(state), examples, _cfg(**GPU_STATS_CFG), progress=False)
+        out["split"] = _cpu_stats(st)
+        ref = FisherStatistics.load(os.path.join(tmp, "gpu_stats.safetensors"), device=torch.device("cuda"))
+        res = solve_lora_da(ref, LoraDAConfig(**GPU_SOLVE_CFG))
+        out["solve"] = {n: (f.lora_A.cpu(), f.lora_B.cpu(), str(f.lora_A.device)) for n, f in res.items()}
+    except Exception:
+        import traceback
+
+        out["worker_error"] = traceback.format_exc()
+    finally:
+        torch.save(out, os.path.join(tmp, f"gpu_rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_gpu_data_parallel_statistics_split_model_and_sharded_solve(tmp_path):
+    tmp = str(tmp_path)
+    state = os.path.join(tmp, "model.pt")
+    torch.save(tiny_llama().state_dict(), state)
+    examples = random_examples(GPU_DATA["n"], seed=GPU_DATA["seed"])
+    model = _model(state).cuda()
+    want = {b: collect_statistics(model, examples, LoraDAConfig(backend=b, **GPU_STATS_CFG), progress=False)
+            for b in ("torch", "auto")}
+    want["split"] = collect_statistics(_split_model(state), examples, _cfg(**GPU_STATS_CFG), progress=False)
+    solve_stats = collect_statistics(model, examples, LoraDAConfig(**GPU_SOLVE_CFG), progress=False)
+    solve_stats.save(os.path.join(tmp, "gpu_stats.safetensors"))
+    want_solve = solve_lora_da(solve_stats, LoraDAConfig(**GPU_SOLVE_CFG))
+
+    start = time.perf_counter()
+    ctx = mp.start_processes(_gpu_worker, args=(_free_port(), tmp), nprocs=WORLD, join=False, start_method="spawn")
+    while not ctx.join(timeout=5):
+        if time.perf_counter() - start > JOIN_TIMEOUT_S * 2:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the GPU ranks hung")
+    results = [torch.load(os.path.join(tmp, f"gpu_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    print(f"\n{WORLD} gloo ranks on one GPU: {time.perf_counter() - start:.1f} s")
+    for r, res in enumerate(results):
+        assert "worker_error" not in res, f"rank {r}:\n{res['worker_error']}"
+    tol = TOL["stats_invariance_fp32"]
+    for key, ref in want.items():
+        for rank, res in enumerate(results):
+            got = res[key]
+            assert (got["n"], got["T"]) == (ref.num_examples, ref.num_tokens)
+            worst = 0.0
+            for g, z in ref.Z.items():
+                worst = max(worst, rel_err(got["Z"][g], z.cpu()))
+            for name, st in ref.modules.items():
+                assert got["devices"][name] == str(st.G.device)  # statistics stay on the module's device
+                for a, b in ((got["G"][name], st.G), (got["y"][name], st.y), (got["seq"][name], st.seq_sums)):
+                    worst = max(worst, rel_err(a, b.cpu()))
+            print(f"{key} rank {rank}: worst relative error vs one process {worst:.1e}")
+            assert worst < tol, (key, rank, worst)
+    assert {d for d in results[0]["split"]["devices"].values()} == {"cuda:0", "cpu"}
+    for rank, res in enumerate(results):
+        worst = 0.0
+        for name, f in want_solve.items():
+            a_, b_, dev = res["solve"][name]
+            assert dev.startswith("cuda")
+            worst = max(worst, rel_err(b_.double() @ a_.double(), (f.lora_B @ f.lora_A).double().cpu()))
+        print(f"sharded solve rank {rank}: worst relative error vs one process {worst:.1e}")
+        assert worst < TOL["solver_contract"]
