@@ -155,6 +155,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def min_over_ranks(value: int) -> int:
+    """The smallest ``value`` over the ranks (itself without a process group): for decisions every rank
+    must take alike, e.g. ``layers_per_pass="auto"`` planned from each rank's free memory."""
+    if not is_active():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def broadcast_from_main(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (pickled; for small things such as a checked path or a plan)."""
+    if not is_active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown() -> None:
     """Destroy the process group if :func:`init_from_env` created it."""
     global _owns_group

@@ -108,6 +108,9 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             st = collect_statistics(model, make(), _cfg(**kw), progress=False)
             out[name] = _stats_dict(st)
 
+        out["min_over_ranks"] = D.min_over_ranks(10 + rank)
+        out["broadcast"] = D.broadcast_from_main({"from": rank})
+
         # The sharded solve, on the single-process statistics (so it must equal that solve exactly)
         # and on this run's data-parallel statistics.
         ref = FisherStatistics.load(os.path.join(tmp, "even_stats.safetensors"))
@@ -235,6 +238,12 @@ def test_uneven_scenarios_are_uneven(run):
     tmp, results, _ = run
     assert results[0]["uneven"]["n"] == 5 and results[0]["uneven"]["skipped"] == 1
     assert results[0]["single"]["n"] == 1
+
+
+def test_small_helpers(run):
+    _, results, _ = run
+    assert [r["min_over_ranks"] for r in results] == [10, 10]
+    assert [r["broadcast"] for r in results] == [{"from": 0}, {"from": 0}]
 
 
 def test_sharded_solve_equals_single_process(run):
@@ -381,6 +390,7 @@ def test_helpers_without_a_process_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not D.is_active() and D.is_main() and D.rank() == 0 and D.world_size() == 1
     assert D.init_from_env() is False and not dist.is_initialized()
+    assert D.min_over_ranks(7) == 7 and D.broadcast_from_main("x") == "x"
     D.barrier()  # no-op
     D.report_failure(RuntimeError("x"))  # no-op
     with pytest.raises(ValueError):
