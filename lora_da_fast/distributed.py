@@ -34,12 +34,11 @@ for gloo), so statistics spread over several GPUs of one rank are reduced correc
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import zlib
 from datetime import timedelta
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
