@@ -8,7 +8,7 @@ with right padding, so the statistics do not depend on how the user batched or p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
 
@@ -21,6 +21,7 @@ IGNORE_INDEX = -100
 class Example:
     input_ids: torch.Tensor  # [T] long
     labels: torch.Tensor  # [T] long, -100 = no loss
+    index: int = -1  # position in the user's stream of examples (for messages)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -86,8 +87,16 @@ def iter_examples(examples: Iterable[Dict]) -> Iterator[Example]:
     """Yield single trimmed examples from whatever the user passed."""
     if isinstance(examples, dict):
         examples = [examples]
+    i = 0
     for item in examples:
-        yield from split_examples(item)
+        try:
+            parts = split_examples(item)
+        except DataError as exc:
+            raise DataError(f"example {i}: {exc}") from None
+        for e in parts:
+            e.index = i
+            i += 1
+            yield e
 
 
 @dataclass
@@ -96,6 +105,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T]
     num_tokens: int  # non-padding tokens
+    indices: Tuple[int, ...] = ()  # Example.index of each row
 
     @property
     def batch_size(self) -> int:
@@ -114,7 +124,7 @@ def collate(examples: List[Example], pad_token_id: int = 0) -> Batch:
         ids[i, :n] = e.input_ids
         mask[i, :n] = 1
         labels[i, :n] = e.labels
-    return Batch(ids, mask, labels, int(mask.sum()))
+    return Batch(ids, mask, labels, int(mask.sum()), tuple(e.index for e in examples))
 
 
 def iter_batches(examples: Iterable[Example], batch_size: int, pad_token_id: int = 0) -> Iterator[Batch]:

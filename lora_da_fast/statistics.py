@@ -189,6 +189,11 @@ def _start_graph(module: nn.Module, args) -> None:
         x.requires_grad_(True)
 
 
+def _examples(batch: Batch) -> str:
+    idx = [i for i in batch.indices if i >= 0]
+    return ", ".join(map(str, idx)) if idx else "(unknown)"
+
+
 def _input_embeddings(model: nn.Module) -> nn.Module:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is None:
@@ -348,11 +353,54 @@ class StatisticsPass:
             logits = out.logits if hasattr(out, "logits") else out[0]
             loss = per_example_loss_sum(logits, batch.labels.to(logits.device))
             if not torch.isfinite(loss):
-                raise NumericalError(f"non-finite loss in the statistics pass (examples {self.n}.."
-                                     f"{self.n + batch.batch_size - 1} of this pass)")
+                del out, logits, loss
+                raise NumericalError(f"non-finite values first appear in the output of module "
+                                     f"{self._first_non_finite(batch)} on examples {_examples(batch)} "
+                                     "(overflow in the model's dtype? try --dtype float32)")
             loss.backward()
+        self._check_finite(batch)
         self.n += batch.batch_size
         self.T += int(acc.masks[1].sum())
+
+    def _first_non_finite(self, batch: Batch) -> str:
+        """Rerun the batch's forward (no grad) to find the first module whose output is non-finite."""
+        first: List[str] = []
+
+        def hook(name):
+            def fn(module, inputs, output):
+                if not first and isinstance(output, torch.Tensor) and output.is_floating_point() \
+                        and not bool(torch.isfinite(output).all()):
+                    first.append(name or type(module).__name__)
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()]
+        try:
+            with torch.no_grad():
+                self.model(input_ids=batch.input_ids.to(self.device),
+                           attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return first[0] if first else "(none found: the loss itself overflowed)"
+
+    def _check_finite(self, batch: Batch) -> None:
+        """One cheap test per batch: a non-finite input makes the diagonal of its ``Z`` non-finite and a
+        non-finite output gradient makes its ``y`` non-finite, for good. Named by module and example."""
+        acc = self.acc
+        per_device: Dict[torch.device, List[torch.Tensor]] = {}
+        for t in list(acc.y.values()) + [z.diagonal() for z in acc.Z.values()]:
+            per_device.setdefault(t.device, []).append(t)
+        if all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in per_device.values()):
+            return
+        for name, z in acc.Z.items():
+            if not bool(torch.isfinite(z.diagonal()).all()):
+                raise NumericalError(f"non-finite input activations of module {name} on examples "
+                                     f"{_examples(batch)} (overflow in the model's dtype? try --dtype float32)")
+        # a non-finite gradient spreads to every module before it: the last one (module order) is the origin
+        for name, y in reversed(list(acc.y.items())):
+            if not bool(torch.isfinite(y).all()):
+                raise NumericalError(f"non-finite output gradients of module {name} on examples "
+                                     f"{_examples(batch)} (overflow in the model's dtype? try --dtype float32)")
 
     def state_dict(self) -> Dict[str, object]:
         acc = self.acc
@@ -402,27 +450,33 @@ def prepare_examples(sp: "StatisticsPass", examples: Iterable) -> List[Example]:
     return exs
 
 
-def run_pass(sp: "StatisticsPass", examples: List[Example], progress: bool = True, desc: str = "statistics") -> None:
-    """Feed ``examples`` to ``sp`` in batches of ``cfg.batch_size``, with a progress bar (tokens/s)."""
+def run_pass(sp: "StatisticsPass", examples: List[Example], progress: bool = True, desc: str = "statistics",
+             done: int = 0, on_batch: Optional[Callable[[int], None]] = None) -> None:
+    """Feed ``examples[done:]`` to ``sp`` in batches of ``cfg.batch_size``, with a progress bar
+    (tokens/s); ``on_batch(examples_done)`` is called after each batch (checkpoints)."""
     from tqdm.auto import tqdm
 
     from . import distributed
 
     progress = progress and distributed.is_main()
-    bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(examples), initial=done, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
     start, t0 = time.perf_counter(), sp.T
     try:
-        for batch in iter_batches(examples, sp.cfg.batch_size, sp.pad_id):
+        for batch in iter_batches(examples[done:], sp.cfg.batch_size, sp.pad_id):
             sp.step(batch)
+            done += batch.batch_size
             bar.update(batch.batch_size)
             rate = (sp.T - t0) / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(tok_per_s=f"{rate:.0f}", refresh=False)
+            if on_batch is not None:
+                on_batch(done)
     finally:
         bar.close()
 
 
 def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
-                       progress: bool = True, num_examples: Optional[int] = None) -> FisherStatistics:
+                       progress: bool = True, num_examples: Optional[int] = None,
+                       checkpoint: Optional[str] = None, checkpoint_every: int = 64) -> FisherStatistics:
     """One forward+backward pass over ``examples``; returns the :class:`FisherStatistics`.
 
     ``examples``: dicts with ``input_ids`` (and optionally ``attention_mask``, ``labels``), 1-D examples
@@ -431,10 +485,26 @@ def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     Under an initialised ``torch.distributed`` process group, each rank takes its shard of the examples
     and the sums are all-reduced. (``num_examples`` is accepted for compatibility and ignored: the
     examples are counted before the pass.)
+
+    ``checkpoint``: a file that receives the pass's state every ``checkpoint_every`` examples (atomic
+    writes, with a fingerprint of model, data, config and code version); if it exists when the pass
+    starts, the pass resumes from it (bit-identical to an uninterrupted run) or refuses a mismatch.
+    It is deleted once the pass completes.
     """
+    from . import checkpoint as ckpt
+
     with StatisticsPass(model, cfg) as sp:
-        run_pass(sp, prepare_examples(sp, examples), progress)
-    return sp.finalize()
+        exs = prepare_examples(sp, examples)
+        done, on_batch = 0, None
+        if checkpoint is not None:
+            fp = ckpt.fingerprint(model, sp, exs)
+            done = ckpt.resume(sp, checkpoint, fp)
+            on_batch = ckpt.saver(sp, checkpoint, fp, checkpoint_every)
+        run_pass(sp, exs, progress, done=done, on_batch=on_batch)
+    stats = sp.finalize()
+    if checkpoint is not None and os.path.exists(checkpoint):
+        os.remove(checkpoint)
+    return stats
 
 
 def _finalize(acc: _Accumulator, n: int, T: int, skipped: int, cfg: LoraDAConfig, model) -> FisherStatistics:
