@@ -86,7 +86,7 @@ def _is_built(folder: str, key: str) -> bool:
         return False
 
 
-def _materialise(name: str, key: str, build) -> str:
+def _materialise(name: str, key: str, build, log=None) -> str:
     """Folder ``cache_dir()/name`` made by ``build(tmp_folder)`` unless already built for ``key``.
 
     Built in a temp folder renamed into place, so an interrupted build leaves nothing half-written;
@@ -102,6 +102,8 @@ def _materialise(name: str, key: str, build) -> str:
                           "set LORA_DA_FAST_CACHE to a writable folder") from None
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    if log is not None:
+        log(f"building the built-in model {name} into {folder} (once)")
     try:
         build(tmp)
         with open(os.path.join(tmp, "lora_da_fast_builtin.json"), "w") as f:
@@ -150,11 +152,11 @@ def _build_smollm2(tmp: str, gguf_path: str) -> None:
     tokenizer.save_pretrained(tmp)
 
 
-def smollm2_folder() -> str:
+def smollm2_folder(log=None) -> str:
     gguf_path = smollm2_gguf_path()
     st = os.stat(gguf_path)
     key = f"v{_BUILD_VERSION}:{SMOLLM2_GGUF}:{st.st_size}"
-    return _materialise("smollm2-135m-instruct", key, lambda tmp: _build_smollm2(tmp, gguf_path))
+    return _materialise("smollm2-135m-instruct", key, lambda tmp: _build_smollm2(tmp, gguf_path), log)
 
 
 def byte_level_tokenizer():
@@ -191,16 +193,16 @@ def _build_tiny_llama(tmp: str) -> None:
     tokenizer.save_pretrained(tmp)
 
 
-def tiny_llama_folder() -> str:
-    return _materialise("tiny-llama", f"v{_BUILD_VERSION}", _build_tiny_llama)
+def tiny_llama_folder(log=None) -> str:
+    return _materialise("tiny-llama", f"v{_BUILD_VERSION}", _build_tiny_llama, log)
 
 
-def resolve_model(spec: str) -> Tuple[str, bool]:
+def resolve_model(spec: str, log=None) -> Tuple[str, bool]:
     """``(folder, is_builtin)`` for a built-in name or a local Hugging Face model folder."""
     if spec == "smollm2-135m":
-        return smollm2_folder(), True
+        return smollm2_folder(log), True
     if spec == "tiny-llama":
-        return tiny_llama_folder(), True
+        return tiny_llama_folder(log), True
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise ConfigError(f"--model {spec}: the folder has no config.json (not a Hugging Face model folder)")
@@ -235,12 +237,13 @@ def resolve_dtype(dtype: str, device: torch.device):
     return DTYPES[dtype]
 
 
-def load_model(spec: str, dtype: str = "auto", device: str = "auto"):
-    """``(model, tokenizer, folder)``: a causal LM in eval mode on ``device``, and its tokenizer."""
+def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None):
+    """``(model, tokenizer, folder)``: a causal LM in eval mode on ``device``, and its tokenizer.
+    ``log`` (optional) is called with a line of text before a slow one-time build."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, _ = resolve_model(spec)
     dev = resolve_device(device)
+    folder, _ = resolve_model(spec, log)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

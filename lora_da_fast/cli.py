@@ -322,7 +322,9 @@ def run_init(args) -> dict:
     t = time.perf_counter()
     if show:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tokenizer, model_folder = load_model(args.model, args.dtype, args.device)
+    model, tokenizer, model_folder = load_model(args.model, args.dtype, args.device,
+                                                log=(lambda line: print(line, file=sys.stderr, flush=True))
+                                                if show else None)
     device = next(model.parameters()).device
     timings["load_model"] = time.perf_counter() - t
 

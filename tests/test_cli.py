@@ -50,8 +50,9 @@ def run(argv, capsys):
 
 
 def base_args(data, out, *extra):
+    # CPU explicitly: these tests compare bits with a CPU solve; test_cuda covers the GPU path.
     return ["init", "--model", "tiny-llama", "--data", data, "--out", str(out), "--rank", "4",
-            "--max-length", "32", "--batch-size", "3", *extra]
+            "--max-length", "32", "--batch-size", "3", "--device", "cpu", *extra]
 
 
 def adapter_tensors(folder):
@@ -190,6 +191,28 @@ def test_python_dash_m_subprocess(cache, data, tmp_path):
                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["adapter"] == str(tmp_path / "o")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda(cache, data, tmp_path, capsys, dtype):
+    """The CLI on CUDA (Triton statistics, GPU solve): the adapter is finite, fp32, and loads on CPU."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "adapter"
+    argv = base_args(data, out, "--quiet", "--json", "--dtype", dtype)
+    argv[argv.index("--device") + 1] = "cuda"
+    rc, stdout, err = run(argv, capsys)
+    assert rc == 0, err
+    report = json.loads(stdout)
+    assert report["device"].startswith("cuda") and report["dtype"] == dtype
+    assert "cuda_max_allocated_gb" in report["peak_memory"]
+    tensors = adapter_tensors(out)
+    assert len(tensors) == 28 and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    base = AutoModelForCausalLM.from_pretrained(report["model_folder"])
+    with torch.no_grad():
+        assert torch.isfinite(PeftModel.from_pretrained(base, str(out))(torch.tensor([[1, 70, 80]])).logits).all()
 
 
 @pytest.mark.slow
