@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lora_da_fast import LoraDAConfig  # noqa: E402
+from lora_da_fast import LoraDAConfig, collect_statistics  # noqa: E402
 from lora_da_fast.pipeline import run_lora_da  # noqa: E402
 
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
 
     # Warm-up (kernel compilation and autotuning, cuBLAS handles) on one batch of the real shape.
     plain_pass(model, batches[:1], device)
-    run_lora_da(model, examples[:args.batch_size], cfg, progress=False, log=None)
+    collect_statistics(model, examples[:args.batch_size], cfg, progress=False)
 
     reset_peak(device)
     plain_s = plain_pass(model, batches, device)

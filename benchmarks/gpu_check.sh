@@ -60,7 +60,8 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then  # CPU dry run of the script itself, tiny s
   step e2e_tiny 300 $PY benchmarks/end_to_end.py --model tiny-llama --device cpu --dtype float32 \
     --num-examples 8 --seq-len 32 --batch-size 4 --json "$W/e2e.jsonl"
 else
-  step tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_batched_solver.py tests/test_pipeline.py
+  TESTS=$(ls tests/test_kernels.py tests/test_batched_solver.py tests/test_pipeline.py tests/test_checkpoint.py 2>/dev/null)
+  step tests 150 $PY -m pytest -q -x -p no:cacheprovider $TESTS
   step bench_kernels 110 $PY benchmarks/bench_kernels.py --out "$W"
   step bench_solver 100 $PY benchmarks/bench_solver.py --shape llama7b --device cuda --out "$W"
   step e2e_1b 90 $PY benchmarks/end_to_end.py --model llama-1b --device cuda --dtype bfloat16 \
