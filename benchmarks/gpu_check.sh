@@ -61,13 +61,14 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then  # CPU dry run of the script itself, tiny s
     --num-examples 8 --seq-len 32 --batch-size 4 --json "$W/e2e.jsonl"
 else
   TESTS=$(ls tests/test_kernels.py tests/test_batched_solver.py tests/test_pipeline.py tests/test_checkpoint.py 2>/dev/null)
-  step tests 150 $PY -m pytest -q -x -p no:cacheprovider $TESTS
-  step bench_kernels 110 $PY benchmarks/bench_kernels.py --out "$W"
-  step bench_solver 100 $PY benchmarks/bench_solver.py --shape llama7b --device cuda --out "$W"
-  step e2e_1b 90 $PY benchmarks/end_to_end.py --model llama-1b --device cuda --dtype bfloat16 \
-    --num-examples 256 --seq-len 1024 --batch-size 8 --json "$W/e2e.jsonl"
-  step e2e_7b 200 $PY benchmarks/end_to_end.py --model llama-7b --device cuda --dtype bfloat16 \
-    --num-examples 256 --seq-len 1024 --batch-size 4 --json "$W/e2e.jsonl"
+  N=${GPU_CHECK_EXAMPLES:-256}
+  step tests 90 $PY -m pytest -q -x -p no:cacheprovider $TESTS
+  step bench_kernels 90 $PY benchmarks/bench_kernels.py --out "$W"
+  step e2e_7b 150 $PY benchmarks/end_to_end.py --model llama-7b --device cuda --dtype bfloat16 \
+    --num-examples "$N" --seq-len 1024 --batch-size 4 --json "$W/e2e.jsonl"
+  step bench_solver 80 $PY benchmarks/bench_solver.py --shape llama7b --device cuda --out "$W"
+  step e2e_1b 70 $PY benchmarks/end_to_end.py --model llama-1b --device cuda --dtype bfloat16 \
+    --num-examples "$N" --seq-len 1024 --batch-size 8 --json "$W/e2e.jsonl"
 fi
 
 {
