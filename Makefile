@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/lora-da-fast init --model smollm2-135m --data rotten-tomatoes --out out/demo-adapter --overwrite
+	$(VENV)/bin/lora-da-fast init --model smollm2-135m --data rotten-tomatoes --out out/demo-adapter --overwrite --num-samples 128 --max-length 128
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest -q benchmarks --benchmark-only

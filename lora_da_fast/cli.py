@@ -13,6 +13,7 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -275,13 +276,34 @@ def _write_adapter(peft_model, report: dict, out: str) -> None:
 # init
 
 
+class _Clock:
+    """Wall and process CPU seconds per phase (CPU time tells a slow phase from a busy machine)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.wall: Dict[str, float] = {}
+        self.cpu: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = time.perf_counter() - w
+            self.cpu[name] = time.process_time() - c
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
 def run_init(args) -> dict:
     """The ``init`` command; returns the report (also written to ``DIR/lora_da_report.json``)."""
-    t_start = time.perf_counter()
-    timings: Dict[str, float] = {}
+    clock = _Clock()
     show = not args.quiet
     if args.quiet:
         _quiet_libraries()
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if show else None
 
     # Everything cheap is checked before loading a model.
     out = os.path.abspath(args.out)
@@ -297,13 +319,11 @@ def run_init(args) -> dict:
 
     from .builtins import load_data, load_model, records_to_examples
 
-    t = time.perf_counter()
-    records = load_data(args.data)
-    chosen = subsample(records, args.num_samples)
-    timings["load_data"] = time.perf_counter() - t
+    with clock.phase("load_data"):
+        records = load_data(args.data)
+        chosen = subsample(records, args.num_samples)
     population = args.population_size or len(records)
 
-    import torch
     from peft import LoraConfig, get_peft_model
 
     from .config import LoraDAConfig
@@ -319,36 +339,29 @@ def run_init(args) -> dict:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"invalid LoRA settings: {exc}") from None
 
-    t = time.perf_counter()
-    if show:
-        print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tokenizer, model_folder = load_model(args.model, args.dtype, args.device,
-                                                log=(lambda line: print(line, file=sys.stderr, flush=True))
-                                                if show else None)
+    with clock.phase("load_model"):
+        if say:
+            say(f"loading {args.model} ...")
+        model, tokenizer, model_folder = load_model(args.model, args.dtype, args.device, log=say)
     device = next(model.parameters()).device
-    timings["load_model"] = time.perf_counter() - t
 
     names = lora_target_names(model, lora_config)
     cfg = resolve_lora_da_config(lora_config, cfg_in, names)
     fingerprint = _stats_fingerprint(args, names, len(records))
 
     stats = None
-    cache_loaded = False
-    if stats_cache and os.path.isfile(stats_cache):
-        t = time.perf_counter()
-        stats = _load_stats_cache(stats_cache, fingerprint)
-        cache_loaded = True
-        timings["load_statistics"] = time.perf_counter() - t
-        if show:
-            print(f"statistics loaded from {stats_cache}", file=sys.stderr, flush=True)
-    if stats is None:
-        t = time.perf_counter()
-        examples = records_to_examples(tokenizer, tqdm(chosen, desc="tokenize", unit="ex", disable=not show,
-                                                       dynamic_ncols=True), args.max_length)
-        timings["tokenize"] = time.perf_counter() - t
-        t = time.perf_counter()
-        stats = collect_statistics(model, examples, cfg, progress=show, num_examples=len(examples))
-        timings["statistics"] = time.perf_counter() - t
+    cache_loaded = stats_cache is not None and os.path.isfile(stats_cache)
+    if cache_loaded:
+        with clock.phase("load_statistics"):
+            stats = _load_stats_cache(stats_cache, fingerprint)
+        if say:
+            say(f"statistics loaded from {stats_cache}")
+    else:
+        with clock.phase("tokenize"):
+            examples = records_to_examples(tokenizer, tqdm(chosen, desc="tokenize", unit="ex", disable=not show,
+                                                           dynamic_ncols=True), args.max_length)
+        with clock.phase("statistics"):
+            stats = collect_statistics(model, examples, cfg, progress=show, num_examples=len(examples))
         if stats_cache:
             stats.meta = dict(stats.meta, cli=fingerprint)
             try:
@@ -357,18 +370,13 @@ def run_init(args) -> dict:
                 raise ConfigError(f"--stats-cache {stats_cache}: cannot write it ({exc.strerror or exc})") from None
     stats = select_statistics(stats, names, model, cfg.token_mask)
 
-    t = time.perf_counter()
-    result = solve_lora_da(stats, cfg, progress=show)
-    timings["solve"] = time.perf_counter() - t
+    with clock.phase("solve"):
+        result = solve_lora_da(stats, cfg, progress=show)
 
-    t = time.perf_counter()
-    peft_model = get_peft_model(model, lora_config)
-    apply_lora_da(peft_model, result)
-    modules = {}
-    for name, rep in result.reports.items():
-        d = rep.to_dict()
-        d["rank"] = cfg.rank
-        modules[name] = d
+    with clock.phase("adapter"):
+        peft_model = get_peft_model(model, lora_config)
+        apply_lora_da(peft_model, result)
+    modules = {name: dict(rep.to_dict(), rank=cfg.rank) for name, rep in result.reports.items()}
     report = {
         "lora_da_fast_version": _version(),
         "command": [PROG] + list(getattr(args, "argv", []) or []),
@@ -389,17 +397,16 @@ def run_init(args) -> dict:
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "adapter": out,
+        "timings_s": clock.wall,
+        "cpu_time_s": clock.cpu,
+        "peak_memory": peak_memory(device),
+        "wall_time_s": clock.total(),
         "modules": modules,
     }
-    timings["adapter"] = time.perf_counter() - t
-    t = time.perf_counter()
-    report["timings_s"] = timings
-    report["peak_memory"] = peak_memory(device)
-    report["wall_time_s"] = time.perf_counter() - t_start
-    _write_adapter(peft_model, report, out)
-    # The save itself is timed after the rename: rewrite the report (atomically) with it.
-    timings["save"] = time.perf_counter() - t
-    report["wall_time_s"] = time.perf_counter() - t_start
+    with clock.phase("save"):
+        _write_adapter(peft_model, report, out)
+    # The save is timed after the rename: rewrite the report (atomically) with it.
+    report["wall_time_s"] = clock.total()
     _write_json_atomic(os.path.join(out, REPORT_FILE), report)
     return report
 
@@ -428,8 +435,9 @@ def _version() -> str:
 def print_summary(report: dict, stream=None) -> None:
     stream = stream or sys.stdout
     print(format_table(report["modules"]), file=stream)
-    t = report["timings_s"]
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+    cpu = report.get("cpu_time_s", {})
+    phases = ", ".join(f"{k} {v:.1f}s" + (f" (cpu {cpu[k]:.0f}s)" if cpu.get(k, 0) >= 1 else "")
+                       for k, v in report["timings_s"].items())
     print(f"\n{len(report['modules'])} modules, rank {report['lora_config']['r']}, "
           f"{report['num_examples']} examples ({report['num_skipped']} skipped), {report['num_tokens']} tokens; "
           f"N = {report['lora_da_config']['population_size']}", file=stream)
