@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import distributed
 from .config import LoraDAConfig
 from .data import Example
 from .solver import LoraDAResult, solve_lora_da
@@ -59,7 +60,7 @@ def plan_slices(targets: Dict[str, nn.Module], cfg: LoraDAConfig) -> Tuple[List[
         dev = next(iter(targets.values())).weight.device
         if dev.type == "cuda":
             free, _ = torch.cuda.mem_get_info(dev)
-            budget = int(free * STATS_MEMORY_FRACTION)
+            budget = distributed.min_over_ranks(int(free * STATS_MEMORY_FRACTION))  # one plan for all ranks
             passes = max(1, math.ceil(total / max(budget, 1)))
             lpp = math.ceil(len(order) / passes)
         else:
@@ -88,7 +89,7 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, progres
     counts = {}
     for i, names in enumerate(slices):
         t0 = time.perf_counter()
-        with StatisticsPass(model, cfg, targets={n: targets[n] for n in names}) as sp:
+        with distributed.guard(), StatisticsPass(model, cfg, targets={n: targets[n] for n in names}) as sp:
             if exs is None:
                 exs = prepare_examples(sp, examples)
                 skipped = sp.skipped

@@ -216,15 +216,20 @@ def per_example_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 class _Accumulator:
     """Hooks and fp32 accumulators of one statistics pass."""
 
-    def __init__(self, targets: Dict[str, nn.Module], leaders: Dict[str, str], cfg: LoraDAConfig, ops):
-        self.targets, self.leaders, self.cfg, self.ops = targets, leaders, cfg, ops
+    def __init__(self, targets: Dict[str, nn.Module], leaders: Dict[str, str], cfg: LoraDAConfig):
+        self.targets, self.leaders, self.cfg = targets, leaders, cfg
         self.G: Dict[str, torch.Tensor] = {}
         self.y: Dict[str, torch.Tensor] = {}
         self.Z: Dict[str, torch.Tensor] = {}
         self.seq: Dict[str, List[torch.Tensor]] = {n: [] for n in targets}
+        self.ops_of: Dict[str, object] = {}
         for name, m in targets.items():
             d_out, d_in = linear_shape(m)
             dev = m.weight.device
+            if dev.type == "meta":
+                raise ConfigError(f"module {name} has its weights offloaded (meta device): the statistics "
+                                  "pass needs every target on a real device (use more GPUs or CPU memory)")
+            self.ops_of[name] = get_ops(cfg.backend, dev)  # per module: a model may span CPU and GPUs
             self.G[name] = torch.zeros(d_out, d_in, dtype=torch.float32, device=dev)
             self.y[name] = torch.zeros(d_out, dtype=torch.float32, device=dev)
             if leaders[name] == name:
@@ -263,13 +268,16 @@ class _Accumulator:
                             "its input is not laid out per token")
         if grad_mask.device != dev:  # model split across devices: masks follow the module
             grad_mask, stat_mask, seq_ids = (t.to(dev) for t in (grad_mask, stat_mask, seq_ids))
+        # hooks see a module's input before a dispatcher (accelerate) moves it to the module's device
+        x2, g2 = x2.to(dev), g2.to(dev)
+        ops = self.ops_of[name]
         if name in self.Z:
-            self.ops.sym_accumulate(self.Z[name], x2, stat_mask)
+            ops.sym_accumulate(self.Z[name], x2, stat_mask)
         seq = None
         if self.cfg.output_fisher == "sequence_lowrank":
             seq = torch.zeros(self.batch_size, g2.shape[1], dtype=torch.float32, device=dev)
             self.seq[name].append(seq)
-        self.ops.grad_stats(self.G[name], self.y[name], g2, x2, grad_mask, stat_mask,
+        ops.grad_stats(self.G[name], self.y[name], g2, x2, grad_mask, stat_mask,
                             seq_sums=seq, seq_ids=seq_ids)
 
 
@@ -293,7 +301,6 @@ class StatisticsPass:
         self.targets = targets if targets is not None else find_target_modules(model, cfg.target_modules)
         self.emb = _input_embeddings(model)
         self.device = self.emb.weight.device
-        self.ops = get_ops(cfg.backend, next(iter(self.targets.values())).weight.device)
         self.pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
         self.n = self.T = self.skipped = 0
         self.acc: Optional[_Accumulator] = None
@@ -313,7 +320,7 @@ class StatisticsPass:
             for p in model.parameters():
                 p.requires_grad_(False)
             leaders = _input_group_probe(model, self.targets, self.device)
-            self.acc = _Accumulator(self.targets, leaders, self.cfg, self.ops)
+            self.acc = _Accumulator(self.targets, leaders, self.cfg)
             self._handles = [m.register_forward_hook(self.acc.forward_hook(name)) for name, m in self.targets.items()]
             # Gradients start at the inputs of the target modules: no parameter needs (or gets) a .grad,
             # and the backward pass stops at the earliest target instead of running down to the embeddings.
@@ -492,8 +499,11 @@ def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     It is deleted once the pass completes.
     """
     from . import checkpoint as ckpt
+    from . import distributed
 
-    with StatisticsPass(model, cfg) as sp:
+    if checkpoint is not None and distributed.is_active():
+        checkpoint = f"{checkpoint}.rank{distributed.rank()}"  # each rank checkpoints its own shard
+    with distributed.guard(), StatisticsPass(model, cfg) as sp:
         exs = prepare_examples(sp, examples)
         done, on_batch = 0, None
         if checkpoint is not None:
