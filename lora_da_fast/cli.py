@@ -411,11 +411,26 @@ def run_init(args) -> dict:
     return report
 
 
+def _json_safe(obj):
+    """Strict JSON: non-finite floats (e.g. the eigengap of a module with d_in == r) become null."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _dump_json(obj, f) -> None:
+    json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
+    f.write("\n")
+
+
 def _write_json_atomic(path: str, obj: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
+        _dump_json(obj, f)
     os.replace(tmp, path)
 
 
@@ -478,8 +493,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "traceback above)", file=sys.stderr)
         return 1
     if args.json:
-        json.dump(report, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        _dump_json(report, sys.stdout)
     elif not args.quiet:
         print_summary(report)
     return 0
