@@ -1,0 +1,281 @@
+"""Solver benchmark: the batched solver against the per-module dense float64 reference and against the
+authors' method (per-module ``torch.lobpcg`` with 10 iterations), on model-shaped synthetic statistics.
+
+Two ways to run it:
+
+- pytest-benchmark (CPU, SmolLM2-135M shape; ``BENCH_LAYERS`` picks the number of layers, default 30)::
+
+      pytest benchmarks/bench_solver.py --benchmark-only
+
+- script, printing a table (method, seconds, max/median relative error of ``lora_B @ lora_A`` against
+  the dense float64 reference)::
+
+      python benchmarks/bench_solver.py --shape smollm2 --device cpu --out /tmp/bench
+      python benchmarks/bench_solver.py --shape llama7b --device cuda --out /tmp/bench
+
+  With ``llama7b`` the per-module methods run on ``--ref-modules`` modules only (default 4, all with
+  ``d_in = 4096``); their total over the 224 modules is extrapolated from those and marked ``~``.
+
+Statistics: for every input group a symmetric positive definite ``Z`` with a geometric spectrum that
+moves, layer by layer, from ``4e-9..0.6`` (first layer) to ``1e-3..4e4`` (last), the values seen on
+SmolLM2 (ALGORITHM.md); gradients ``G`` in the range of ``Z`` (``G^T = Q diag(sqrt(s)) W``, ``W`` of low
+rank plus noise) scaled like a real mean gradient (``~2 rms(delta) rms(x)``), and ``y`` log-uniform
+around a per-layer level going from ``2e-3`` to ``3e-8``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics as pystats
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from lora_da_fast import FisherStatistics, LoraDAConfig, ModuleStatistics
+from lora_da_fast.batched_solver import solve_batched
+from lora_da_fast.solver import (LoraDAResult, canonical_signs, cholesky_with_retry, fisher_gradient, guidance,
+                                 output_damping, output_inverse, solve_reference, to_factors)
+
+SHAPES = {
+    # name: (layers, hidden, mlp, q_out, kv_out)
+    "smollm2": (30, 576, 1536, 576, 192),
+    "llama7b": (32, 4096, 11008, 4096, 4096),
+}
+
+
+def _lerp_log(a: float, b: float, t: float) -> float:
+    return 10 ** (math.log10(a) + t * (math.log10(b) - math.log10(a)))
+
+
+def synthetic_statistics(shape: str = "smollm2", layers: Optional[int] = None, device="cpu", seed: int = 0,
+                         population: int = 256) -> FisherStatistics:
+    """Model-shaped statistics (see the module docstring): 7 modules and 4 input groups per layer."""
+    n_layers, hidden, mlp, q_out, kv_out = SHAPES[shape]
+    n_layers = layers or n_layers
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    f64 = dict(dtype=torch.float64, device=device)
+    bases = {}
+    for d in sorted({hidden, mlp}):
+        bases[d], _ = torch.linalg.qr(torch.randn(d, d, generator=gen, **f64))
+    Z: Dict[str, torch.Tensor] = {}
+    modules: Dict[str, ModuleStatistics] = {}
+    for layer in range(n_layers):
+        t = layer / max(1, n_layers - 1)
+        lo, hi = _lerp_log(4e-9, 1e-3, t), _lerp_log(0.6, 4e4, t)
+        ylevel = _lerp_log(2e-3, 3e-8, t)
+        p = f"model.layers.{layer}."
+        spec = [(p + "self_attn.q_proj", hidden, [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)],
+                 "self_attn."),
+                (p + "self_attn.o_proj", hidden, [("o_proj", hidden)], "self_attn."),
+                (p + "mlp.gate_proj", hidden, [("gate_proj", mlp), ("up_proj", mlp)], "mlp."),
+                (p + "mlp.down_proj", mlp, [("down_proj", hidden)], "mlp.")]
+        for group, d_in, outs, sub in spec:
+            Q = bases[d_in]
+            s = torch.logspace(math.log10(lo), math.log10(hi), d_in, **f64)
+            s = s[torch.randperm(d_in, generator=gen, device=device)]
+            v = torch.randn(d_in, 1, generator=gen, **f64)
+            v = v / torch.linalg.vector_norm(v)
+            Qg = Q - 2 * v @ (v.T @ Q)  # a different basis per group: one Householder reflection
+            Z[group] = ((Qg * s) @ Qg.T).float()
+            root = Qg * s.sqrt()
+            for name, d_out in outs:
+                y = ylevel * torch.exp(torch.empty(d_out, **f64).uniform_(-1.15, 1.15, generator=gen))
+                W = (torch.randn(d_in, 16, generator=gen, **f64) @ torch.randn(16, d_out, generator=gen, **f64)
+                     / 4.0 + 0.3 * torch.randn(d_in, d_out, generator=gen, **f64))
+                # rms(x) ~ sqrt(mean s), rms(delta) ~ sqrt(y): G ~ 2 rms(delta) rms(x) per entry
+                Gt = root @ (Qg.T @ W)
+                Gt = Gt * (2 * math.sqrt(ylevel) * float(s.mean().sqrt()) / float(Gt.pow(2).mean().sqrt()))
+                modules[p + sub + name] = ModuleStatistics(group, Gt.T.float().contiguous(), y.float())
+                del W, Gt
+            del root, Qg
+    return FisherStatistics(modules, Z, population, population * 1024, meta={"synthetic": shape})
+
+
+def subset(stats: FisherStatistics, names: Sequence[str]) -> FisherStatistics:
+    mods = {n: stats.modules[n] for n in names}
+    groups = {st.group for st in mods.values()}
+    return FisherStatistics(mods, {g: stats.Z[g] for g in groups}, stats.num_examples, stats.num_tokens,
+                            output_fisher=stats.output_fisher)
+
+
+def solve_lobpcg10(stats: FisherStatistics, cfg: LoraDAConfig, niter: int = 10) -> LoraDAResult:
+    """The authors' per-module method: the reference steps (float64, one Cholesky per group, explicit
+    ``Zd^{-1}`` and ``M``), with ``torch.lobpcg(M, k=r, largest=False, niter=10)`` in place of ``eigh``."""
+    result = LoraDAResult()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for group, names in stats.groups().items():
+        if not names:
+            continue
+        L, _ = cholesky_with_retry(stats.Z[group].double(), cfg.damping, cfg.max_damping, group)
+        Zinv = torch.cholesky_inverse(L) if cfg.beta > 0 else None
+        for name in names:
+            st = stats.modules[name]
+            u = output_inverse(st, stats.num_examples, output_damping(st, cfg), stats.output_fisher).to(L.device)
+            D = fisher_gradient(L, st.G.double(), u)
+            sigma = torch.linalg.matrix_norm(D, ord=2)
+            D = D / sigma
+            M = guidance(D, Zinv, u, sigma, cfg.alpha, cfg.beta, cfg.population_size)
+            X0 = torch.randn(M.shape[0], cfg.rank, generator=gen, dtype=M.dtype).to(M.device)
+            _, V = torch.lobpcg(M, k=cfg.rank, X=X0, largest=False, niter=niter)
+            result[name] = to_factors(canonical_signs(V), D, cfg.gamma)
+    return result
+
+
+def rel_errors(got: LoraDAResult, ref: LoraDAResult) -> List[float]:
+    out = []
+    for name, f in ref.items():
+        want = f.lora_B.double() @ f.lora_A.double()
+        have = got[name].lora_B.double().to(want.device) @ got[name].lora_A.double().to(want.device)
+        out.append(float(torch.linalg.norm(have - want) / torch.linalg.norm(want)))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, repeat: int = 1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Optional[int] = None,
+        repeat: int = 2, beta: float = 0.03) -> List[dict]:
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    stats = synthetic_statistics(shape, layers, device)
+    _sync(device)
+    print(f"statistics: {len(stats.modules)} modules, {len(stats.Z)} input groups, built in "
+          f"{time.perf_counter() - t0:.1f} s on {device}", flush=True)
+    cfg = LoraDAConfig(rank=8, beta=beta, population_size=100_000)
+    names = list(stats.modules)
+    if ref_modules is None and shape == "llama7b":
+        ref_modules = 4
+    if ref_modules:
+        # modules with d_in = hidden only: a dense eigendecomposition of 11008 x 11008 per module is
+        # minutes of device time
+        hidden = SHAPES[shape][1]
+        names = [n for n in names if stats.modules[n].d_in == hidden][:ref_modules]
+    small = subset(stats, names)
+    frac = len(names) / len(stats.modules)
+    rows = []
+    t_batched, res_b = _timed(lambda: solve_batched(stats, cfg), device, repeat)
+    print(f"batched: {t_batched:.2f} s", flush=True)
+    t_ref, ref = _timed(lambda: solve_reference(small, cfg), device)
+    print(f"reference (dense float64, {len(names)} modules): {t_ref:.2f} s", flush=True)
+    t_lob, res_l = _timed(lambda: solve_lobpcg10(small, cfg), device)
+    print(f"torch.lobpcg niter=10 ({len(names)} modules): {t_lob:.2f} s", flush=True)
+    solvers = {}
+    for rep in res_b.reports.values():
+        solvers[rep.solver] = solvers.get(rep.solver, 0) + 1
+    for method, secs, res, measured in (("batched", t_batched, res_b, True),
+                                        ("reference-dense-fp64", t_ref, ref, frac == 1.0),
+                                        ("lobpcg-niter10", t_lob, res_l, frac == 1.0)):
+        total = secs if method == "batched" else secs / frac
+        errs = rel_errors(res, ref)
+        rows.append(dict(method=method, seconds=total, extrapolated=not measured,
+                         modules_timed=len(stats.modules) if method == "batched" else len(names),
+                         max_rel_err=max(errs), median_rel_err=pystats.median(errs)))
+    for row in rows:
+        row["speedup_of_batched"] = row["seconds"] / rows[0]["seconds"]
+    print(f"batched solver paths: {solvers}")
+    return rows
+
+
+def format_table(rows: List[dict], shape: str, device: str) -> str:
+    lines = [f"| method ({shape}, {device}) | total seconds | batched is x faster | max rel err | "
+             "median rel err |", "|---|---|---|---|---|"]
+    for r in rows:
+        secs = ("~" if r["extrapolated"] else "") + f"{r['seconds']:.2f}"
+        if r["extrapolated"]:
+            secs += f" (from {r['modules_timed']} modules)"
+        lines.append(f"| {r['method']} | {secs} | {r['speedup_of_batched']:.1f} | {r['max_rel_err']:.1e} | "
+                     f"{r['median_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers than the model (quick runs)")
+    ap.add_argument("--ref-modules", type=int, default=None,
+                    help="run the per-module methods on this many modules only (default: all for smollm2, "
+                         "4 for llama7b)")
+    ap.add_argument("--repeat", type=int, default=2, help="best of this many runs of the batched solver")
+    ap.add_argument("--beta", type=float, default=0.03)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="directory for results.json and table.md")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    rows = run(args.shape, args.device, args.layers, args.ref_modules, args.repeat, args.beta)
+    table = format_table(rows, args.shape, args.device)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        dev = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+        meta = dict(shape=args.shape, device=args.device, device_name=dev, threads=torch.get_num_threads(),
+                    torch=torch.__version__, layers=args.layers, beta=args.beta)
+        with open(os.path.join(args.out, "results.json"), "w") as fh:
+            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+        with open(os.path.join(args.out, "table.md"), "w") as fh:
+            fh.write(table + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# pytest-benchmark
+
+
+try:
+    import pytest
+except ImportError:  # script mode without pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="module")
+    def smollm2_stats():
+        layers = int(os.environ.get("BENCH_LAYERS", "30"))
+        return synthetic_statistics("smollm2", layers)
+
+    @pytest.fixture(scope="module")
+    def bench_cfg():
+        return LoraDAConfig(rank=8, beta=0.03, population_size=100_000)
+
+    @pytest.fixture(scope="module")
+    def dense_reference(smollm2_stats, bench_cfg):
+        return solve_reference(smollm2_stats, bench_cfg)
+
+    def test_bench_batched(benchmark, smollm2_stats, bench_cfg, dense_reference):
+        res = benchmark.pedantic(solve_batched, args=(smollm2_stats, bench_cfg), rounds=2, iterations=1)
+        errs = rel_errors(res, dense_reference)
+        benchmark.extra_info.update(max_rel_err=max(errs), median_rel_err=pystats.median(errs))
+        assert max(errs) <= 1e-4
+
+    def test_bench_reference(benchmark, smollm2_stats, bench_cfg):
+        benchmark.pedantic(solve_reference, args=(smollm2_stats, bench_cfg), rounds=1, iterations=1)
+
+    def test_bench_lobpcg10(benchmark, smollm2_stats, bench_cfg, dense_reference):
+        res = benchmark.pedantic(solve_lobpcg10, args=(smollm2_stats, bench_cfg), rounds=1, iterations=1)
+        errs = rel_errors(res, dense_reference)
+        benchmark.extra_info.update(max_rel_err=max(errs), median_rel_err=pystats.median(errs))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
