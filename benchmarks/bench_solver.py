@@ -152,7 +152,7 @@ def _timed(fn, device, repeat: int = 1):
 
 
 def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Optional[int] = None,
-        repeat: int = 2, beta: float = 0.03) -> List[dict]:
+        repeat: int = 2, beta: float = 0.03, phases: bool = False) -> List[dict]:
     device = torch.device(device)
     t0 = time.perf_counter()
     stats = synthetic_statistics(shape, layers, device)
@@ -191,6 +191,17 @@ def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Opti
     for row in rows:
         row["speedup_of_batched"] = row["seconds"] / rows[0]["seconds"]
     print(f"batched solver paths: {solvers}")
+    if phases:  # one more run with per-phase timings (synchronising: not the timed run)
+        import logging
+        lg = logging.getLogger("lora_da_fast.batched_solver")
+        handler = logging.StreamHandler(sys.stdout)
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+        try:
+            solve_batched(stats, cfg)
+        finally:
+            lg.removeHandler(handler)
+            lg.setLevel(logging.NOTSET)
     return rows
 
 
@@ -218,13 +229,15 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=0.03)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="directory for results.json and table.md")
+    ap.add_argument("--phases", action="store_true",
+                    help="after the timed runs, one more batched run printing per-phase times")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    rows = run(args.shape, args.device, args.layers, args.ref_modules, args.repeat, args.beta)
+    rows = run(args.shape, args.device, args.layers, args.ref_modules, args.repeat, args.beta, args.phases)
     table = format_table(rows, args.shape, args.device)
     print(table)
     if args.out:

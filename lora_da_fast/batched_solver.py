@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -56,6 +58,21 @@ from .statistics import FisherStatistics
 __all__ = ["BatchedOptions", "solve_batched"]
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _phase(name: str, device: torch.device, acc: Dict[str, float]):
+    """Wall time of a phase, added to ``acc`` (only with DEBUG logging: it synchronises the GPU)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
 
 SOLVER_ITERATIVE = "lobpcg-batched"
 SOLVER_DENSE = "dense-batched"
@@ -71,7 +88,8 @@ class BatchedOptions:
             with full-rate float64, float32 elsewhere.
         device: where to solve; ``None``: the device of the statistics.
         max_batch_bytes: bound on the working memory of one chunk of input groups (at least one group
-            is always taken); ``None``: 1 GiB on CPU, 40% of the free memory on a GPU.
+            is always taken); ``None``: 32 MiB on CPU (cache-sized stacks are faster), 40% of the free
+            memory on a GPU.
         dense_below: modules with ``d_in`` at most this are solved by a dense eigendecomposition.
         extra: block size of the eigensolver is ``rank + extra`` (``None``: ``max(rank, 8)``).
         tol: bound on the sine of the angle between the computed and the exact ``r``-dimensional
@@ -118,11 +136,42 @@ def _default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.4 * free)
-    return 1 << 30
+    # CPU: the iterations are bound by memory traffic over L and G; stacks that stay in the caches are
+    # faster (30 SmolLM2 layers, one thread: 7.4 s with 16-32 MiB chunks, 10.7 s with 1 GiB)
+    return 32 << 20
 
 
 # --------------------------------------------------------------------------------------------------
 # Factorisation
+
+
+def _per_item(A: torch.Tensor) -> bool:
+    """Large matrices on a GPU are factorised one at a time: the batched cuSOLVER/cuBLAS routines are
+    made for many small matrices."""
+    return A.device.type == "cuda" and A.shape[0] > 1 and A.shape[-1] > 256
+
+
+def _cholesky_ex(Z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not _per_item(Z):
+        return torch.linalg.cholesky_ex(Z)
+    L = torch.empty_like(Z)
+    infos = []
+    for i in range(Z.shape[0]):
+        Li, info = torch.linalg.cholesky_ex(Z[i])
+        L[i] = Li
+        infos.append(info)
+    return L, torch.stack(infos)
+
+
+def _tril_inverse(L: torch.Tensor) -> torch.Tensor:
+    """``L^{-1}`` for a stack of lower-triangular factors."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    if not _per_item(L):
+        return torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    out = torch.empty_like(L)
+    for i in range(L.shape[0]):
+        out[i] = torch.linalg.solve_triangular(L[i], eye, upper=False)
+    return out
 
 
 def cholesky_stack(Z: torch.Tensor, damping: float, max_damping: float, names: Sequence[str]
@@ -133,7 +182,7 @@ def cholesky_stack(Z: torch.Tensor, damping: float, max_damping: float, names: S
     lams = [float(damping)] * Z.shape[0]
     diag = Z.diagonal(dim1=-2, dim2=-1)
     diag.add_(damping)
-    L, info = torch.linalg.cholesky_ex(Z)
+    L, info = _cholesky_ex(Z)
     # a NaN anywhere in Z reaches the diagonal of L at or after its row: checking the diagonal is enough
     bad = (info != 0) | ~torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
     while bool(bad.any()):
@@ -146,7 +195,7 @@ def cholesky_stack(Z: torch.Tensor, damping: float, max_damping: float, names: S
             diag[i].add_(9 * lam)
             lams[i] = 10 * lam
         idx = torch.nonzero(bad).flatten()
-        Li, info_i = torch.linalg.cholesky_ex(Z[idx])
+        Li, info_i = _cholesky_ex(Z[idx])
         L[idx] = Li
         bad_i = (info_i != 0) | ~torch.isfinite(Li.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
         bad = torch.zeros_like(bad)
@@ -176,16 +225,33 @@ class _Operator:
     exceeds ~200, i.e. for every module of a real model.
     """
 
-    def __init__(self, L: torch.Tensor, G: torch.Tensor, u: torch.Tensor, a: float, b: Optional[torch.Tensor],
-                 Linv: Optional[torch.Tensor]):
-        self.L, self.G, self.u, self.a, self.b, self.Linv = L, G, u, a, b, Linv
+    def __init__(self, Lsrc: torch.Tensor, idx: torch.Tensor, G: torch.Tensor, u: torch.Tensor, a: float,
+                 b: Optional[torch.Tensor], Linv: Optional[torch.Tensor]):
+        # L is gathered from the chunk's factors (one per group) only when used: with an explicit
+        # inverse (GPU) only the preconditioner and the dense fallback need it.
+        self.Lsrc, self.idx, self._L = Lsrc, idx, None
+        self.G, self.u, self.a, self.b, self.Linv = G, u, a, b, Linv
+
+    @property
+    def L(self) -> torch.Tensor:
+        if self._L is None:
+            self._L = self.Lsrc if self.idx is None else self.Lsrc[self.idx]
+        return self._L
+
+    def __len__(self) -> int:
+        return self.G.shape[0]
 
     def subset(self, idx: torch.Tensor) -> "_Operator":
-        return _Operator(self.L[idx], self.G[idx], self.u[idx], self.a, None if self.b is None else self.b[idx],
-                         None if self.Linv is None else self.Linv[idx])
+        sub = _Operator(self.Lsrc, None if self.idx is None else self.idx[idx], self.G[idx], self.u[idx], self.a,
+                        None if self.b is None else self.b[idx], None if self.Linv is None else self.Linv[idx])
+        if self.idx is None:
+            sub.idx = idx
+        return sub
 
     def with_coefficients(self, a: float, b: Optional[torch.Tensor]) -> "_Operator":
-        return _Operator(self.L, self.G, self.u, a, b, self.Linv)
+        op = _Operator(self.Lsrc, self.idx, self.G, self.u, a, b, self.Linv)
+        op._L = self._L
+        return op
 
     def zinv(self, X: torch.Tensor) -> torch.Tensor:
         """``Zd^{-1} X = L^{-T} (L^{-1} X)``."""
@@ -231,6 +297,26 @@ def _project_out(W: torch.Tensor, bases: Sequence[torch.Tensor], passes: int = 1
     return W
 
 
+def _householder_on(W: torch.Tensor) -> bool:
+    return W.device.type == "cpu"
+
+
+def _orthonormalize(W: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``W`` (``[b, n, m]``, full column rank). CPU: Householder QR.
+    GPU: CholeskyQR2 with a float64 Gram matrix (two GEMMs and an ``m x m`` factorisation: batched
+    Householder QR of tall thin blocks is a loop of latency-bound calls there), Householder QR if the
+    Gram matrix is not numerically definite."""
+    if _householder_on(W):
+        return torch.linalg.qr(W)[0]
+    for _ in range(2):
+        Gm = W.transpose(-1, -2).double() @ W.double()
+        R, info = torch.linalg.cholesky_ex(Gm, upper=True)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(W)[0]
+        W = torch.linalg.solve_triangular(R.to(W.dtype), W, upper=True, left=False)
+    return W
+
+
 def _orth_against(W: torch.Tensor, bases: Sequence[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
     """Orthonormal columns spanning ``W`` projected out of the orthonormal ``bases``. Columns that vanish
     (an exact eigenvector's residual) are replaced by random directions, so that the block keeps its
@@ -241,26 +327,34 @@ def _orth_against(W: torch.Tensor, bases: Sequence[torch.Tensor], gen: torch.Gen
     if bool(bad.any()):
         rnd = torch.randn(W.shape, generator=gen, dtype=W.dtype, device=W.device)
         W = torch.where(bad[:, None, :], _project_out(rnd, bases, passes=2), torch.nan_to_num(W))
-    Q, _ = torch.linalg.qr(W)
+    # columns of very different norms (converged and unconverged residuals): equilibrate first
+    W = W / torch.linalg.vector_norm(W, dim=-2, keepdim=True)
+    Q = _orthonormalize(W)
     if bases:
         # A projected column can be tiny against the others: QR then leaves it slightly outside the
         # complement of ``bases``; a second projection after the normalisation ("twice is enough",
         # Kahan-Parlett) and a QR restore orthogonality to rounding level.
-        Q = _project_out(Q, bases, passes=1)
-        Q, _ = torch.linalg.qr(Q)
+        Q = _orthonormalize(_project_out(Q, bases, passes=1))
     return Q
 
 
-def _rayleigh_ritz(S: torch.Tensor, AS: torch.Tensor):
-    """Ritz pairs of the pencil ``(S^T A S, S^T S)`` in float64: ``theta`` ascending ``[b, m]``, the
-    coefficients ``C = Lb^{-T} V`` (``C^T S^T S C = I``), and ``V``, ``Lb`` for the ``P`` update."""
+def _rayleigh_ritz(S: torch.Tensor, AS: torch.Tensor, k: Optional[int] = None):
+    """Rayleigh-Ritz on the pencil ``(S^T A S, S^T S)`` (``S``: ``[b, n, m]``), in float64.
+
+    Returns ``theta`` (ascending, ``[b, m]``, on the device of ``S``) and, on that device in ``S``'s
+    dtype, the coefficients ``Cx`` of the ``k`` lowest Ritz vectors (``S Cx``, orthonormal) and ``Cp``
+    of the LOBPCG direction ``P``: the part of those Ritz vectors outside the first ``k`` columns of
+    ``S``, orthonormalised and orthogonal to ``S Cx`` (``None`` if ``k`` is ``None``). The ``m x m``
+    problems are solved on the CPU: tiny batched eigen-problems are a loop of latency-bound calls on a GPU.
+    """
+    dev, dt = S.device, S.dtype
     Sd, ASd = S.double(), AS.double()
-    GA = Sd.transpose(-1, -2) @ ASd
+    GA = (Sd.transpose(-1, -2) @ ASd).cpu()
+    GB = (Sd.transpose(-1, -2) @ Sd).cpu()
     GA = 0.5 * (GA + GA.transpose(-1, -2))
-    GB = Sd.transpose(-1, -2) @ Sd
     GB = 0.5 * (GB + GB.transpose(-1, -2))
     m = GB.shape[-1]
-    eye = torch.eye(m, dtype=GB.dtype, device=GB.device)
+    eye = torch.eye(m, dtype=GB.dtype)
     Lb, info = torch.linalg.cholesky_ex(GB)
     if bool((info != 0).any()):  # cannot happen with the orthonormalised blocks; be safe
         Lb = torch.linalg.cholesky(GB + 1e-14 * GB.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * eye)
@@ -268,7 +362,17 @@ def _rayleigh_ritz(S: torch.Tensor, AS: torch.Tensor):
     At = Lbinv @ GA @ Lbinv.transpose(-1, -2)
     theta, V = torch.linalg.eigh(0.5 * (At + At.transpose(-1, -2)))
     C = Lbinv.transpose(-1, -2) @ V
-    return theta, C, V, Lb, Lbinv
+    if k is None:
+        return theta.to(dev), C[..., : m].to(device=dev, dtype=dt), None
+    Cx = C[..., :k]
+    # P: the part of the new Ritz vectors outside the old X (the first k columns of S), in the
+    # orthonormal frame of span(S) given by Lb^T, projected out of the new X (V[:, :k]), orthonormalised.
+    Cp0 = Cx.clone()
+    Cp0[:, :k, :] = 0
+    T = V[..., k:].transpose(-1, -2) @ (Lb.transpose(-1, -2) @ Cp0)  # [b, m - k, k]
+    Qt, _ = torch.linalg.qr(T)
+    Cp = Lbinv.transpose(-1, -2) @ (V[..., k:] @ Qt)
+    return theta.to(dev), Cx.to(device=dev, dtype=dt), Cp.to(device=dev, dtype=dt)
 
 
 @dataclass
@@ -300,8 +404,8 @@ def lobpcg_batched(op: _Operator, X: torch.Tensor, nwant: int, *, gen: torch.Gen
     if AX is None:  # otherwise X is orthonormal already and AX = op(X)
         X = _orth_against(X, [], gen)
         AX = op(X)
-    theta, C, _, _, _ = _rayleigh_ritz(X, AX)
-    X, AX = _mm(X, C.to(dt)), _mm(AX, C.to(dt))
+    theta, C, _ = _rayleigh_ritz(X, AX)
+    X, AX = _mm(X, C), _mm(AX, C)
     P = AP = None
     out_theta = torch.zeros(b, k, dtype=torch.float64, device=X.device)
     out_res = torch.zeros(b, k, dtype=torch.float64, device=X.device)
@@ -353,16 +457,7 @@ def lobpcg_batched(op: _Operator, X: torch.Tensor, nwant: int, *, gen: torch.Gen
         S = torch.cat([X, W] + ([P] if P is not None else []), dim=-1)
         AS = torch.cat([AX, AW] + ([AP] if AP is not None else []), dim=-1)
         del R, W, AW
-        theta, C, V, Lb, Lbinv = _rayleigh_ritz(S, AS)
-        Cx = C[..., :k]
-        # P: the part of the new Ritz vectors outside the old X, orthonormalised in coefficient space
-        # (Lb^T maps coefficients to an orthonormal frame of span(S)), then orthogonal to the new X.
-        Cp0 = Cx.clone()
-        Cp0[:, :k, :] = 0
-        T = V[..., k:].transpose(-1, -2) @ (Lb.transpose(-1, -2) @ Cp0)  # [b, m - k, k]
-        Qt, _ = torch.linalg.qr(T)
-        Cp = Lbinv.transpose(-1, -2) @ (V[..., k:] @ Qt)
-        Cx, Cp = Cx.to(dt), Cp.to(dt)
+        theta, Cx, Cp = _rayleigh_ritz(S, AS, k)
         X, AX, P, AP = _mm(S, Cx), _mm(AS, Cx), _mm(S, Cp), _mm(AS, Cp)
         del S, AS
     return _EigResult(out_theta, out_X, out_res, iters, conv)
@@ -373,7 +468,7 @@ def _apply_at(op: _Operator, pos: torch.Tensor, W: torch.Tensor, precondition: b
     get zero blocks (never more than the active ones: the operator is restricted to the active items
     once half of them are done), which costs flops but no copy of the factors."""
     fn = op.zd_mul if precondition else op
-    nstack = op.L.shape[0]
+    nstack = len(op)
     if pos.numel() == nstack:
         return fn(W)
     Wf = W.new_zeros((nstack,) + tuple(W.shape[1:]))
@@ -400,11 +495,11 @@ def _zinv_norm(L: torch.Tensor, Linv: Optional[torch.Tensor], gen: torch.Generat
     """Estimate of ``||Zd^{-1}||`` per factor of the stack ``L`` (block power iteration with a
     Rayleigh-Ritz step: a lower bound within a few percent; it only scales the stopping rule, the
     preconditioning decision and the reports)."""
-    op = _Operator(L, L[:, :1], L[:, 0], 0.0, None, Linv)
+    op = _Operator(L, None, L[:, :1], L[:, 0], 0.0, None, Linv)
     X = torch.randn(L.shape[0], L.shape[-1], 2, generator=gen, dtype=L.dtype, device=L.device)
     for _ in range(iters):
-        X, _ = torch.linalg.qr(op.zinv(X))
-    theta, _, _, _, _ = _rayleigh_ritz(X, op.zinv(X))
+        X = _orthonormalize(op.zinv(X))
+    theta, _, _ = _rayleigh_ritz(X, op.zinv(X))
     return theta[:, -1].clamp(min=0)
 
 
@@ -436,7 +531,7 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
     b, d_out, n = op.G.shape
     extra = opt.extra if opt.extra is not None else max(r, 8)
     k = r + extra
-    dt = op.L.dtype
+    dt = op.G.dtype
     notes: List[List[str]] = [[] for _ in range(b)]
     if n <= opt.dense_below or n < 5 * k:
         A, theta, res, anorm, sigma2 = _solve_dense(op, alpha, bprime, r, r + 1)
@@ -455,7 +550,7 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
         # ||M'|| <= alpha sigma^2 + beta' ||Zd^{-1}||: the variance term can dominate the spectrum
         # (large beta, tiny N): then the plain residual is a poor search direction and Zd R is added.
         floor = bprime.double() * zinv_norm
-        theta0, _, _, _, _ = _rayleigh_ritz(X0, AX0)
+        theta0, _, _ = _rayleigh_ritz(X0, AX0)
         zd_precond = bool((floor > 0.1 * theta0[:, 0].abs()).any())
     value_tol = 1e-10 if bprime is None else None  # beta = 0: theta_0 = -alpha sigma^2 is needed exactly
     # Past the flops of a dense solve (forming M' ~ 2 n^2 d_out, eigh ~ 10 n^3) iterating is a loss:
@@ -518,9 +613,9 @@ class _Module:
 def _group_bytes(stats: FisherStatistics, names: Sequence[str], d_in: int, k: int, itemsize: int,
                  explicit_inverse: bool) -> int:
     """Working memory of one group: its symmetrised ``Z`` and ``L`` (and ``L^{-1}``), and per module a
-    copy of ``L`` (``L^{-1}``) in its stack, ``G`` in the working dtype and the iteration blocks."""
+    copy of ``L`` (or of ``L^{-1}``) in its stack, ``G`` in the working dtype and the iteration blocks."""
     per_group = (3 if explicit_inverse else 2) * d_in * d_in
-    per_mod = sum((2 if explicit_inverse else 1) * d_in * d_in + stats.modules[m].d_out * d_in
+    per_mod = sum(d_in * d_in + stats.modules[m].d_out * d_in
                   + 24 * (d_in + stats.modules[m].d_out) * k for m in names)
     return itemsize * (per_group + per_mod)
 
@@ -584,27 +679,30 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
                  device: torch.device, dt: torch.dtype, explicit_inverse: bool, opt: BatchedOptions,
                  gen: torch.Generator, factors: Dict[str, LoraFactors], reports: Dict[str, ModuleReport]) -> None:
     r = cfg.rank
+    t: Dict[str, float] = {}
     # one Cholesky per group, stacked (every group of a chunk has the same d_in)
-    Zs = torch.empty((len(chunk),) + tuple(stats.Z[chunk[0]].shape), dtype=dt, device=device)
-    for i, g in enumerate(chunk):  # sym(Z) = (Z + Z^T) / 2, exact in float64 from float32 input
-        Zg = stats.Z[g].to(device)
-        Zs[i].copy_(Zg).add_(Zg.transpose(-1, -2)).mul_(0.5)
-        del Zg
-    L, lams = cholesky_stack(Zs, cfg.damping, cfg.max_damping, chunk)
-    del Zs
+    with _phase("cholesky", device, t):
+        Zs = torch.empty((len(chunk),) + tuple(stats.Z[chunk[0]].shape), dtype=dt, device=device)
+        for i, g in enumerate(chunk):  # sym(Z) = (Z + Z^T) / 2, exact in float64 from float32 input
+            Zg = stats.Z[g].to(device)
+            # (a contiguous transposed copy first: adding a strided transpose is 5x slower on CPU)
+            Zs[i].copy_(Zg).add_(Zg.transpose(-1, -2).contiguous()).mul_(0.5)
+            del Zg
+        L, lams = cholesky_stack(Zs, cfg.damping, cfg.max_damping, chunk)
+        del Zs
     Linv = None
-    if explicit_inverse:
-        eye = torch.eye(L.shape[-1], dtype=dt, device=device)
-        Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-        del eye
-    znorm = _zinv_norm(L, Linv, gen) if cfg.beta > 0 else None
+    with _phase("inverse", device, t):
+        if explicit_inverse:
+            Linv = _tril_inverse(L)
+        znorm = _zinv_norm(L, Linv, gen) if cfg.beta > 0 else None
     mods: Dict[str, _Module] = {}
-    for g in chunk:
-        for m in groups[g]:
-            st = stats.modules[m]
-            lam_y = output_damping(st, cfg)
-            u = output_inverse(st, stats.num_examples, lam_y, stats.output_fisher).to(device)
-            mods[m] = _Module(m, g, lam_y, u)
+    with _phase("output factors", device, t):
+        for g in chunk:
+            for m in groups[g]:
+                st = stats.modules[m]
+                lam_y = output_damping(st, cfg)
+                u = output_inverse(st, stats.num_examples, lam_y, stats.output_fisher).to(device)
+                mods[m] = _Module(m, g, lam_y, u)
     # stacks of same-shape modules
     gidx = {g: i for i, g in enumerate(chunk)}
     stacks: Dict[Tuple[int, int], List[str]] = {}
@@ -612,18 +710,24 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
         for m in groups[g]:
             stacks.setdefault((stats.modules[m].d_in, stats.modules[m].d_out), []).append(m)
     for names in stacks.values():
-        idx = torch.tensor([gidx[mods[m].group] for m in names], device=device)
-        G = torch.empty((len(names),) + tuple(stats.modules[names[0]].G.shape), dtype=dt, device=device)
-        for i, m in enumerate(names):
-            G[i].copy_(stats.modules[m].G)
-        u = torch.stack([mods[m].u for m in names]).to(dt)
-        op = _Operator(L[idx], G, u, cfg.alpha, None, Linv[idx] if Linv is not None else None)
-        bprime = None
-        if cfg.beta > 0:
-            bprime = torch.stack([cfg.beta * mods[m].u.sum() / cfg.population_size for m in names])
-        sol = _solve_stack(op, cfg.alpha, bprime, r, opt, gen, None if znorm is None else znorm[idx])
-        _emit(stats, cfg, names, mods, op, sol, {g: lams[i] for g, i in gidx.items()}, factors, reports)
+        with _phase("stacks", device, t):
+            idx = torch.tensor([gidx[mods[m].group] for m in names], device=device)
+            G = torch.empty((len(names),) + tuple(stats.modules[names[0]].G.shape), dtype=dt, device=device)
+            for i, m in enumerate(names):
+                G[i].copy_(stats.modules[m].G)
+            u = torch.stack([mods[m].u for m in names]).to(dt)
+            op = _Operator(L, idx, G, u, cfg.alpha, None, Linv[idx] if Linv is not None else None)
+            bprime = None
+            if cfg.beta > 0:
+                bprime = torch.stack([cfg.beta * mods[m].u.sum() / cfg.population_size for m in names])
+        with _phase("eigensolver", device, t):
+            sol = _solve_stack(op, cfg.alpha, bprime, r, opt, gen, None if znorm is None else znorm[idx])
+        with _phase("factors", device, t):
+            _emit(stats, cfg, names, mods, op, sol, {g: lams[i] for g, i in gidx.items()}, factors, reports)
         del op, G, u, sol
+    if t:
+        log.debug("chunk of %d groups (d_in %d): %s", len(chunk), L.shape[-1],
+                  ", ".join(f"{k} {v:.3f} s" for k, v in t.items()))
 
 
 def _emit(stats: FisherStatistics, cfg: LoraDAConfig, names: List[str], mods: Dict[str, _Module], op: _Operator,

@@ -118,11 +118,12 @@ def test_contract_relative_output_damping(spectrum):
         assert got.reports[name].output_damping == pytest.approx(0.1 * float(st.y.double().median()))
 
 
-def test_contract_variance_dominated():
+@pytest.mark.parametrize("apply", ["solve", "inverse"])
+def test_contract_variance_dominated(apply):
     """beta huge, N = 1: M is nearly beta c Zd^{-1}, whose spectrum spreads over 1e8: the residuals are
-    preconditioned by Zd (the top eigenvectors of Z are the answer)."""
+    preconditioned by Zd (the top eigenvectors of Z are the answer). Both ways of applying Zd^{-1}."""
     stats = synthetic(31, "early")
-    check_against_reference(stats, LoraDAConfig(rank=8, beta=1e6, population_size=1))
+    check_against_reference(stats, LoraDAConfig(rank=8, beta=1e6, population_size=1), apply=apply)
 
 
 def test_contract_float32_working_dtype():
@@ -135,15 +136,15 @@ def test_contract_float32_working_dtype():
         print(f"float32 beta={beta}: max rel err {max(errs.values()):.1e}")
 
 
-@pytest.mark.parametrize("dense_below,rank", [(128, 4), (0, 2), (0, 4)])
-def test_contract_tiny_llama(dense_below, rank):
+@pytest.mark.parametrize("dense_below,rank,apply", [(128, 4, "auto"), (0, 2, "auto"), (0, 4, "inverse")])
+def test_contract_tiny_llama(dense_below, rank, apply):
     """Statistics gathered by the library's own pass on a tiny random Llama (hidden 64: fewer tokens
     than some input dimensions, so some Z are singular); dense_below=0 forces the iterative path."""
     model = tiny_llama(seed=3, hidden=64)
     stats = collect_statistics(model, random_examples(6, seed=4), LoraDAConfig(batch_size=4, backend="torch"),
                                progress=False)
     cfg = LoraDAConfig(rank=rank, population_size=1000)
-    got, _, errs = check_against_reference(stats, cfg, dense_below=dense_below)
+    got, _, errs = check_against_reference(stats, cfg, dense_below=dense_below, apply=apply)
     want = SOLVER_DENSE if dense_below else SOLVER_ITERATIVE
     assert {r.solver for r in got.reports.values()} <= {want, SOLVER_FALLBACK}
     print(f"tiny llama rank {rank} dense_below {dense_below}: max rel err {max(errs.values()):.1e}")
@@ -266,6 +267,19 @@ def test_options_are_validated():
         BatchedOptions(dtype=torch.float16)
     with pytest.raises(ConfigError):
         BatchedOptions(tol=2.0)
+
+
+def test_gpu_code_paths_on_cpu(monkeypatch):
+    """The choices made for a GPU, exercised on the CPU: explicit L^{-1} (GEMMs instead of triangular
+    solves), CholeskyQR2 instead of Householder QR, factorisations one matrix at a time, plain GEMMs."""
+    import lora_da_fast.batched_solver as bs
+
+    monkeypatch.setattr(bs, "_householder_on", lambda W: False)
+    monkeypatch.setattr(bs, "_per_item", lambda A: A.shape[0] > 1)
+    monkeypatch.setattr(bs, "_mm", lambda A, B: A @ B)
+    for beta, N, spectrum in ((0.0, None, "late"), (0.03, 100_000, "singular"), (1e6, 1, "early")):
+        stats = synthetic(34, spectrum)
+        check_against_reference(stats, LoraDAConfig(rank=8, beta=beta, population_size=N), apply="inverse")
 
 
 @pytest.mark.gpu
