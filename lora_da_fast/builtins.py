@@ -203,10 +203,24 @@ def resolve_model(spec: str, log=None) -> Tuple[str, bool]:
         return smollm2_folder(log), True
     if spec == "tiny-llama":
         return tiny_llama_folder(log), True
+    check_model_folder(spec)
+    return os.path.abspath(spec), False
+
+
+def check_model_folder(spec: str) -> None:
+    """Cheap checks of a ``--model`` that is not a built-in name (before any data is read): a readable
+    folder with a readable ``config.json``. Raises :class:`ConfigError`."""
+    if spec in BUILTIN_MODELS:
+        return
     if os.path.isdir(spec):
-        if not os.path.isfile(os.path.join(spec, "config.json")):
+        if not os.access(spec, os.R_OK | os.X_OK):
+            raise ConfigError(f"--model {spec}: cannot read the folder (permission denied)")
+        config = os.path.join(spec, "config.json")
+        if not os.path.isfile(config):
             raise ConfigError(f"--model {spec}: the folder has no config.json (not a Hugging Face model folder)")
-        return os.path.abspath(spec), False
+        if not os.access(config, os.R_OK):
+            raise ConfigError(f"--model {spec}: cannot read {config} (permission denied)")
+        return
     if os.path.exists(spec):
         raise ConfigError(f"--model {spec}: not a folder (give a Hugging Face model folder or a built-in name)")
     raise ConfigError(f"--model {spec!r}: no such folder and not a built-in model "
@@ -285,59 +299,99 @@ def gsm_symbolic(size: int = GSM_SYMBOLIC_SIZE, seed: int = 0) -> List[Dict[str,
     return [{"prompt": f"Question: {x['question']}\nAnswer: ", "response": str(x["answer"])} for x in ds]
 
 
-def read_jsonl(path: str) -> List[Dict[str, str]]:
-    """Records of a JSONL file: each non-blank line ``{"text": str}`` or ``{"prompt": str, "response": str}``
-    (other keys are ignored). Errors name the line."""
+def _string_field(obj: dict, key: str, where: str) -> str:
+    v = obj[key]
+    if not isinstance(v, str):
+        raise DataError(f"{where}: \"{key}\" must be a string, got {_json_type(v)}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800": no tokenizer takes it
+        raise DataError(f"{where}: \"{key}\" holds an invalid Unicode escape (a lone surrogate)") from None
+    return v
+
+
+def _json_type(v) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def read_jsonl_lines(path: str) -> Tuple[List[Dict[str, str]], List[int]]:
+    """:func:`read_jsonl` and the line number (from 1) of each record."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         raise DataError(f"--data {path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"--data {path}: is a folder; give a JSONL file") from None
     except OSError as exc:
-        raise DataError(f"--data {path}: cannot read it ({exc.strerror})") from None
+        raise DataError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is dropped
     except UnicodeDecodeError as exc:
-        raise DataError(f"--data {path}: not UTF-8 text (byte {exc.start})") from None
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"--data {path}, line {line}: not UTF-8 text (byte {exc.start}); JSONL files are "
+                        "UTF-8") from None
+    records, lines = [], []
+    # Lines end at "\n" only (as editors and `wc -l` count them): str.splitlines would also split at
+    # U+2028 and other separators that may appear raw inside a JSON string.
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        where = f"--data {path}, line {lineno}"
         try:
             obj = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"--data {path}, line {lineno}: not valid JSON ({exc})") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be "
+                            "one JSON object") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer with too many digits
+            raise DataError(f"{where}: not valid JSON ({' '.join(str(exc).split())})") from None
         if not isinstance(obj, dict):
-            raise DataError(f"--data {path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {_json_type(obj)}")
         if "text" in obj:
-            if not isinstance(obj["text"], str):
-                raise DataError(f"--data {path}, line {lineno}: \"text\" must be a string")
-            records.append({"text": obj["text"]})
+            records.append({"text": _string_field(obj, "text", where)})
         elif "prompt" in obj and "response" in obj:
             if not isinstance(obj["prompt"], str) or not isinstance(obj["response"], str):
-                raise DataError(f"--data {path}, line {lineno}: \"prompt\" and \"response\" must be strings")
-            records.append({"prompt": obj["prompt"], "response": obj["response"]})
+                raise DataError(f"{where}: \"prompt\" and \"response\" must be strings")
+            records.append({"prompt": _string_field(obj, "prompt", where),
+                            "response": _string_field(obj, "response", where)})
         else:
-            raise DataError(f"--data {path}, line {lineno}: expected a \"text\" field or \"prompt\" and "
-                            f"\"response\" fields, got keys {sorted(obj)}")
+            keys = sorted(map(str, obj))
+            shown = ", ".join(repr(k) for k in keys[:8]) + (" ..." if len(keys) > 8 else "")
+            raise DataError(f"{where}: expected a \"text\" field or \"prompt\" and \"response\" fields, "
+                            f"got keys [{shown}]")
+        lines.append(lineno)
     if not records:
-        raise DataError(f"--data {path}: the file holds no records")
-    return records
+        raise DataError(f"--data {path}: the file holds no records (it is empty or blank)")
+    return records, lines
+
+
+def read_jsonl(path: str) -> List[Dict[str, str]]:
+    """Records of a JSONL file: each non-blank line ``{"text": str}`` or ``{"prompt": str, "response": str}``
+    (other keys are ignored). Raises :class:`DataError` naming the line for anything else."""
+    return read_jsonl_lines(path)[0]
 
 
 def load_data(spec: str, gsm_size: int = GSM_SYMBOLIC_SIZE) -> List[Dict[str, str]]:
     """Records of a built-in data set or a JSONL file."""
+    return load_records(spec, gsm_size)[0]
+
+
+def load_records(spec: str, gsm_size: int = GSM_SYMBOLIC_SIZE) -> Tuple[List[Dict[str, str]], Optional[List[int]]]:
+    """``(records, line numbers)`` of a built-in data set (no line numbers: ``None``) or a JSONL file."""
     if spec == "rotten-tomatoes":
-        return rotten_tomatoes()
+        return rotten_tomatoes(), None
     if spec == "gsm-symbolic":
-        return gsm_symbolic(gsm_size)
+        return gsm_symbolic(gsm_size), None
     if os.path.isdir(spec):
         raise DataError(f"--data {spec}: is a folder; give a JSONL file or a built-in name "
                         f"({', '.join(BUILTIN_DATA)})")
     if not os.path.exists(spec) and not spec.endswith((".jsonl", ".json")) and os.sep not in spec:
         raise DataError(f"--data {spec!r}: no such file and not a built-in data set "
                         f"(built-in: {', '.join(BUILTIN_DATA)})")
-    return read_jsonl(spec)
+    return read_jsonl_lines(spec)
 
 
 def records_to_examples(tokenizer, records: List[Dict[str, str]], max_length: int) -> List[Dict[str, torch.Tensor]]:

@@ -81,6 +81,22 @@ def lora_target_names(model: nn.Module, lora_config) -> List[str]:
     return names
 
 
+def check_rank_fits(model: nn.Module, names: List[str], rank: int) -> None:
+    """:class:`TargetError` before any data pass if ``rank > min(d_in, d_out)`` of a target (the solve
+    would refuse it only after the pass). Names the target with the smallest bound."""
+    modules = dict(model.named_modules())
+    bad = []
+    for n in names:
+        d_out, d_in = linear_shape(modules[n])
+        if rank > min(d_in, d_out):
+            bad.append((min(d_in, d_out), n, d_out, d_in))
+    if bad:
+        bound, n, d_out, d_in = min(bad)
+        others = f" and {len(bad) - 1} other target(s)" if len(bad) > 1 else ""
+        raise TargetError(f"rank {rank} is larger than min(d_in, d_out) = {bound} of module {n} ({d_out}x{d_in})"
+                          f"{others}; use a rank <= {bound} or leave such modules out of the targets")
+
+
 def resolve_lora_da_config(lora_config, lora_da_config: Optional[LoraDAConfig], names: List[str]) -> LoraDAConfig:
     """The :class:`LoraDAConfig` to run: rank from ``lora_config.r``, targets = ``names``.
 
@@ -232,6 +248,7 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
     _check_lora_config(lora_config)
     names = lora_target_names(model, lora_config)
     cfg = resolve_lora_da_config(lora_config, lora_da_config, names)
+    check_rank_fits(model, names, cfg.rank)
     if stats is None:
         stats = collect_statistics(model, examples, cfg, progress=progress, num_examples=_num_examples(examples))
     stats = select_statistics(stats, names, model, cfg.token_mask)

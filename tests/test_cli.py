@@ -116,7 +116,7 @@ def test_end_to_end_and_stock_peft_reload(cache, data, tmp_path, capsys):
     # a cache made for other data is refused
     rc, _, err = run(base_args(data, tmp_path / "a3", "--stats-cache", str(stats_file), "--max-length", "16"),
                      capsys)
-    assert rc == 2 and "differs in: max_length" in err
+    assert rc == 2 and "differs in: calibration data" in err
 
 
 def test_quiet_json_and_overwrite(cache, data, tmp_path, capsys):
