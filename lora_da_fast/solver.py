@@ -14,7 +14,7 @@ import torch
 
 from .config import LoraDAConfig
 from .errors import ConfigError, NumericalError, TargetError
-from .statistics import FisherStatistics, ModuleStatistics
+from .statistics import FisherStatistics, ModuleStatistics, check_finite
 
 
 class LoraFactors(NamedTuple):
@@ -211,6 +211,7 @@ def solve_lora_da(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = F
         raise ConfigError(f"the statistics were gathered for output_fisher={stats.output_fisher!r}, "
                           f"the config asks for {cfg.output_fisher!r}")
     check_rank(stats, cfg.rank)
+    check_finite(stats)
     check_nonzero(stats)
     from . import distributed  # under torch.distributed, each rank solves its share of the modules
     if distributed.sharding_enabled():

@@ -195,6 +195,10 @@ def test_errors_are_clear():
         solve_lora_da(stats, LoraDAConfig(rank=2))
     with pytest.raises(TargetError, match="rank 20 .* m0"):
         solve_lora_da(stats, LoraDAConfig(rank=20, beta=0.0))
+    stats.modules["m0"].y[3] = float("nan")
+    with pytest.raises(NumericalError, match="non-finite output moment y in module m0"):
+        solve_lora_da(stats, LoraDAConfig(rank=2, beta=0.0))
+    stats.modules["m0"].y[3] = 1e-4
     stats.modules["m1"].G.zero_()
     with pytest.raises(NumericalError, match="m1"):
         solve_lora_da(stats, LoraDAConfig(rank=2, beta=0.0))
