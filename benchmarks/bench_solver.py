@@ -3,9 +3,10 @@ authors' method (per-module ``torch.lobpcg`` with 10 iterations), on model-shape
 
 Two ways to run it:
 
-- pytest-benchmark (CPU, SmolLM2-135M shape; ``BENCH_LAYERS`` picks the number of layers, default 30)::
+- pytest-benchmark (CPU, SmolLM2-135M shape; ``BENCH_LAYERS`` picks the number of layers, default 30,
+  ``BENCH_THREADS`` torch's threads)::
 
-      pytest benchmarks/bench_solver.py --benchmark-only
+      BENCH_THREADS=1 pytest benchmarks/bench_solver.py --benchmark-only
 
 - script, printing a table (method, seconds, max/median relative error of ``lora_B @ lora_A`` against
   the dense float64 reference)::
@@ -264,6 +265,8 @@ except ImportError:  # script mode without pytest
 if pytest is not None:
     @pytest.fixture(scope="module")
     def smollm2_stats():
+        if os.environ.get("BENCH_THREADS"):
+            torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
         layers = int(os.environ.get("BENCH_LAYERS", "30"))
         return synthetic_statistics("smollm2", layers)
 

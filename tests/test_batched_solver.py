@@ -260,6 +260,13 @@ def test_residuals_and_gaps_are_reported():
         assert rep.update_norm > 0
 
 
+def test_num_threads_is_restored():
+    stats = synthetic(14, "well", layout=((160, (96,)),))
+    before = torch.get_num_threads()
+    solve_batched(stats, LoraDAConfig(rank=4, population_size=1000), num_threads=1)
+    assert torch.get_num_threads() == before
+
+
 def test_options_are_validated():
     with pytest.raises(ConfigError):
         BatchedOptions(apply="magic")
@@ -267,6 +274,8 @@ def test_options_are_validated():
         BatchedOptions(dtype=torch.float16)
     with pytest.raises(ConfigError):
         BatchedOptions(tol=2.0)
+    with pytest.raises(ConfigError):
+        BatchedOptions(num_threads=0)
 
 
 def test_gpu_code_paths_on_cpu(monkeypatch):
