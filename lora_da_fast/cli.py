@@ -464,23 +464,40 @@ def _where(indices: List[int], lines: Optional[List[int]]) -> str:
 
 def run_init(args, state: Optional[_RunState] = None) -> dict:
     """The ``init`` command; returns the report (also written to ``DIR/lora_da_report.json``)."""
+    from . import distributed
+
     state = state if state is not None else _RunState()
     clock = state.clock = _Clock()
-    show = not args.quiet
+    show = not args.quiet and distributed.is_main()  # under torchrun, rank 0 alone talks and writes
     if args.quiet:
         _quiet_libraries()
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if show else None
 
     # Everything cheap is checked before loading data or a model.
     out = os.path.abspath(args.out)
-    check_out(out, args.overwrite)
+    if distributed.is_active():
+        if args.stats_cache:
+            raise ConfigError("--stats-cache is not supported under torchrun yet: run the statistics pass "
+                              "without it, or in one process")
+        problem = None
+        if distributed.is_main():  # one rank checks the output folder, every rank gets the verdict
+            try:
+                check_out(out, args.overwrite)
+            except LoraDAError as exc:
+                problem = str(exc)
+        problem = distributed.broadcast_from_main(problem)
+        if problem:
+            raise ConfigError(problem)
+    else:
+        check_out(out, args.overwrite)
     targets = parse_target_modules(args.target_modules)
     if args.max_length < 2:
         raise ConfigError("--max-length must be at least 2 (one token has no next-token target)")
     stats_cache = os.path.abspath(args.stats_cache) if args.stats_cache else None
     if stats_cache:
         check_stats_cache(stats_cache)
-    remove_stale_temporaries(out, stats_cache)
+    if distributed.is_main():
+        remove_stale_temporaries(out, stats_cache)
 
     from .builtins import check_model_folder, load_model, load_records, records_to_examples
     from .config import LoraDAConfig
@@ -600,7 +617,9 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
         raise type(exc)(f"--stats-cache {stats_cache}: {exc}; delete it or give another file") from None
 
     with clock.phase("solve"):
-        result = solve_lora_da(stats, cfg, progress=show)
+        result = solve_lora_da(stats, cfg, progress=show)  # sharded over the ranks under torchrun
+    if not distributed.is_main():
+        return {}  # rank 0 alone builds and writes the adapter
 
     with clock.phase("adapter"):
         peft_model = get_peft_model(model, lora_config)
@@ -626,6 +645,7 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
                         "target_modules": targets, "scaling": _scaling(lora_config)},
         "lora_da_config": cfg.to_dict(),
         "device": str(device),
+        "world_size": distributed.world_size(),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "adapter": out,
         "timings_s": clock.wall,
@@ -790,14 +810,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     args.argv = argv
+    from . import distributed
+
     state = _RunState()
+    try:  # under torchrun (WORLD_SIZE > 1): one process group; gloo for CPU runs
+        distributed.init_from_env(backend="gloo" if str(args.device).startswith("cpu") else None)
+    except Exception as exc:  # noqa: BLE001 - a launcher problem, not the user's data
+        print(f"{PROG}: error: cannot join the torch.distributed process group ({_one_line(exc)[:200]})",
+              file=sys.stderr)
+        return 2
+    main_rank = distributed.is_main()
+    tag = f" (rank {distributed.rank()})" if distributed.is_active() else ""
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         report = run_init(args, state)
     except LoraDAError as exc:
-        print(f"{PROG}: error: {_explain(exc, args, state)}", file=sys.stderr)
+        print(f"{PROG}: error{tag}: {_explain(exc, args, state)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
@@ -823,6 +853,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        distributed.shutdown()
+    if not main_rank:
+        return 0
     if args.json:
         _dump_json(report, sys.stdout)
     elif not args.quiet:
