@@ -251,9 +251,10 @@ def resolve_dtype(dtype: str, device: torch.device):
     return DTYPES[dtype]
 
 
-def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None):
+def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None, device_map=None):
     """``(model, tokenizer, folder)``: a causal LM in eval mode on ``device``, and its tokenizer.
-    ``log`` (optional) is called with a line of text before a slow one-time build."""
+    ``log`` (optional) is called with a line of text before a slow one-time build. ``device_map="auto"``
+    splits the model over this process's GPUs (accelerate; under torchrun, over the rank's share)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -264,12 +265,20 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None):
     except Exception as exc:  # transformers raises many types for a folder it cannot read
         raise ConfigError(f"--model {spec}: cannot load a tokenizer from {folder} ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    kwargs = {}
+    if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise ConfigError("--device-map auto needs the accelerate package: pip install accelerate")
+        from . import distributed
+
+        kwargs = {"device_map": device_map, "max_memory": distributed.max_memory_for_rank()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     except Exception as exc:
         raise ConfigError(f"--model {spec}: cannot load a causal language model from {folder} "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
     model.eval()
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id

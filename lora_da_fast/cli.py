@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                     help="model dtype; auto = float32 on CPU, the checkpoint's dtype on GPU (default: %(default)s)")
     rt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    rt.add_argument("--device-map", choices=["auto"], default=None,
+                    help="split the model over the GPUs of this process (accelerate's device_map='auto'; under "
+                         "torchrun, over this rank's share of the machine's GPUs) instead of --device")
     rt.add_argument("--quiet", action="store_true", help="no progress bars, table or summary; errors only")
     rt.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of the table")
     return parser
@@ -540,7 +543,8 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
     with clock.phase("load_model"):
         if say:
             say(f"loading {args.model} ...")
-        model, tokenizer, model_folder = load_model(args.model, args.dtype, args.device, log=say)
+        model, tokenizer, model_folder = load_model(args.model, args.dtype, args.device, log=say,
+                                                    device_map=args.device_map)
     device = next(model.parameters()).device
 
     try:

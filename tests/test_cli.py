@@ -232,3 +232,15 @@ def test_smollm2_rotten_tomatoes_small(tmp_path, capsys, monkeypatch):
     assert len(report["modules"]) == 30
     m = report["modules"]["model.layers.0.self_attn.v_proj"]
     assert (m["d_in"], m["d_out"]) == (576, 192) and m["update_norm"] > 0
+
+
+def test_device_map_auto(cache, data, tmp_path, capsys):
+    """--device-map auto loads through accelerate (all on the CPU here) and gives the same adapter."""
+    pytest.importorskip("accelerate")
+    rc, _, err = run(base_args(data, tmp_path / "a", "--quiet"), capsys)
+    assert rc == 0, err
+    args = [a for a in base_args(data, tmp_path / "b", "--quiet") if a not in ("--device", "cpu")]
+    rc, _, err = run(args + ["--device-map", "auto"], capsys)
+    assert rc == 0, err
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
