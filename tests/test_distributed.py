@@ -123,9 +123,11 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         dp = collect_statistics(model, SCENARIOS["even"][0](), cfg, progress=False)
         out["solve_dp"] = dict(solve_lora_da(dp, cfg))
 
-        # A rank whose share of the solve fails (a non-finite Z in one of its groups).
+        # A rank whose share of the solve fails (a negative definite Z in one of its groups: finite, so
+        # it passes the up-front checks on every rank, but no damping up to max_damping=1 factorises it).
         bad = FisherStatistics.load(os.path.join(tmp, "even_stats.safetensors"))
-        bad.Z[out["plan"][1][0]][0, 0] = float("nan")
+        g = out["plan"][1][0]
+        bad.Z[g] = -10.0 * torch.eye(bad.Z[g].shape[0])
         out["fail_solve"] = _fake_cli(lambda: dict(solve_lora_da(bad, cfg)), tmp)
 
         # A rank failing mid-pass, reported through distributed.guard: every rank raises, nothing is
