@@ -30,10 +30,12 @@ Small problems (``d_in`` at most ``dense_below``) are solved densely, in stacks,
 
 Precision: the working dtype defaults to float64 on CPU and on GPUs with full-rate float64 (P100, V100,
 A100, H100/H200, B200: float64 GEMMs there run at the float32 rate, so float64 costs nothing but
-memory); float32 elsewhere. In float32 the Rayleigh-Ritz step, all reductions that decide convergence,
-``sigma`` and the reports are float64, but the factorisation and the solves are float32: the contract
-holds when ``cond(Zd) * 6e-8`` is small (well-conditioned statistics); ill-conditioned statistics
-(``Z`` singular, damping ``1e-6``) need float64, which is why it is the default wherever it is fast.
+memory); float32 elsewhere. In float32 the Rayleigh-Ritz step, the convergence tests, ``sigma`` and the
+reports are float64, but the factorisation and the products are float32, whose error grows like
+``cond(Zd) * eps32``: a chunk of groups is solved in float32 only when a float32 Cholesky succeeds and
+every estimated ``cond(Zd) * eps32 <= 1e-4``, else in float64 (noted in the reports), and a float32
+module that does not converge is solved densely from float64 factors. Real statistics (``Z`` singular,
+damping ``1e-6``) are far from that bound: float64 is the default wherever it is fast.
 
 The result does not depend on ``cfg.seed`` beyond the stopping tolerance, and is bit-identical for the
 same seed, options and machine.
@@ -517,10 +519,12 @@ def _zinv_norm(L: torch.Tensor, Linv: Optional[torch.Tensor], gen: torch.Generat
     return theta[:, -1].clamp(min=0)
 
 
-def _solve_dense(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r: int, k: int
+def _solve_dense(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r: int, k: int,
+                 L: Optional[torch.Tensor] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense float64 solve of a stack: ``(A, theta[:k], res, anorm, sigma2)``."""
-    L = op.L.double()
+    """Dense float64 solve of a stack: ``(A, theta[:k], res, anorm, sigma2)``; ``L``: float64 factors
+    (default: the operator's, upcast)."""
+    L = op.L.double() if L is None else L
     D = -torch.cholesky_solve(op.G.double().transpose(-1, -2) * op.u.double()[:, None, :], L)
     DDt = D @ D.transpose(-1, -2)
     if D.shape[-1] < D.shape[-2]:
@@ -540,8 +544,10 @@ def _solve_dense(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
 
 
 def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r: int,
-                 opt: BatchedOptions, gen: torch.Generator, zinv_norm: Optional[torch.Tensor] = None
-                 ) -> _StackSolution:
+                 opt: BatchedOptions, gen: torch.Generator, zinv_norm: Optional[torch.Tensor] = None,
+                 exact_factors=None) -> _StackSolution:
+    """Ritz vectors, eigenvalues, residuals and ``sigma^2`` of a stack; ``exact_factors(positions)``
+    gives float64 Cholesky factors for the dense fallback when the working dtype is float32."""
     b, d_out, n = op.G.shape
     extra = opt.extra if opt.extra is not None else max(r, 8)
     k = r + extra
@@ -598,7 +604,8 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
     bad = torch.nonzero(~eig.converged).flatten()
     if bad.numel():
         sub = op.subset(bad)
-        Ad, thd, resd, anormd, s2d = _solve_dense(sub, alpha, None if bprime is None else bprime[bad], r, k)
+        L64 = exact_factors(bad) if exact_factors is not None and dt != torch.float64 else None
+        Ad, thd, resd, anormd, s2d = _solve_dense(sub, alpha, None if bprime is None else bprime[bad], r, k, L64)
         A = A.clone()
         A[bad] = Ad.to(dt)
         kk = thd.shape[-1]
@@ -695,21 +702,53 @@ def solve_batched(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = F
     return LoraDAResult({n: factors[n] for n in stats.modules}, {n: reports[n] for n in stats.modules})
 
 
+def _sym_stack(stats: FisherStatistics, chunk: List[str], dt: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``sym(Z_g) = (Z_g + Z_g^T) / 2`` for the groups of ``chunk``, stacked (exact in float64 from
+    float32 input)."""
+    Zs = torch.empty((len(chunk),) + tuple(stats.Z[chunk[0]].shape), dtype=dt, device=device)
+    for i, g in enumerate(chunk):
+        Zg = stats.Z[g].to(device)
+        # (a contiguous transposed copy first: adding a strided transpose is 5x slower on CPU)
+        Zs[i].copy_(Zg).add_(Zg.transpose(-1, -2).contiguous()).mul_(0.5)
+    return Zs
+
+
+# float32 is used for a chunk only when every cond(Zd) * eps32 is at most this
+FLOAT32_COND_EPS = 1e-4
+
+
+def _precision_for(stats: FisherStatistics, chunk: List[str], cfg: LoraDAConfig, device: torch.device,
+                   gen: torch.Generator) -> Tuple[torch.dtype, Optional[str]]:
+    """Float32 when it is accurate enough for the chunk, else float64 with the reason. The error of a
+    float32 solve grows like ``cond(Zd) * eps32`` (and a float32 Cholesky of a singular ``Z`` with the
+    default damping fails, where float64 would not: raising the damping would change the answer)."""
+    Zs = _sym_stack(stats, chunk, torch.float32, device)
+    Zs.diagonal(dim1=-2, dim2=-1).add_(cfg.damping)
+    L, info = _cholesky_ex(Zs)
+    if bool((info != 0).any()) or not bool(torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all()):
+        return torch.float64, "solved in float64: the float32 Cholesky factorisation of Zd failed"
+    X = torch.randn(L.shape[0], L.shape[-1], 2, generator=gen, dtype=L.dtype, device=device)
+    for _ in range(4):
+        X = _orthonormalize(_mm(Zs, X))
+    zmax = _rayleigh_ritz(X, _mm(Zs, X))[0][:, -1]
+    cond = float((zmax * _zinv_norm(L, None, gen)).max())
+    if cond * torch.finfo(torch.float32).eps > FLOAT32_COND_EPS:
+        return torch.float64, f"solved in float64: cond(Zd) ~ {cond:.1e} is too large for float32"
+    return torch.float32, None
+
+
 def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, List[str]], chunk: List[str],
                  device: torch.device, dt: torch.dtype, explicit_inverse: bool, opt: BatchedOptions,
                  gen: torch.Generator, factors: Dict[str, LoraFactors], reports: Dict[str, ModuleReport]) -> None:
     r = cfg.rank
     t: Dict[str, float] = {}
+    chunk_notes: List[str] = []
     # one Cholesky per group, stacked (every group of a chunk has the same d_in)
     with _phase("cholesky", device, t):
-        Zs = torch.empty((len(chunk),) + tuple(stats.Z[chunk[0]].shape), dtype=dt, device=device)
-        for i, g in enumerate(chunk):  # sym(Z) = (Z + Z^T) / 2, exact in float64 from float32 input
-            Zg = stats.Z[g].to(device)
-            # (a contiguous transposed copy first: adding a strided transpose is 5x slower on CPU)
-            Zs[i].copy_(Zg).add_(Zg.transpose(-1, -2).contiguous()).mul_(0.5)
-            del Zg
-        L, lams = cholesky_stack(Zs, cfg.damping, cfg.max_damping, chunk)
-        del Zs
+        if dt == torch.float32:
+            dt, note = _precision_for(stats, chunk, cfg, device, gen)
+            chunk_notes += [note] if note else []
+        L, lams = cholesky_stack(_sym_stack(stats, chunk, dt, device), cfg.damping, cfg.max_damping, chunk)
     Linv = None
     with _phase("inverse", device, t):
         if explicit_inverse:
@@ -741,8 +780,18 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
             if cfg.beta > 0:
                 bprime = torch.stack([cfg.beta * mods[m].u.sum() / cfg.population_size for m in names])
         with _phase("eigensolver", device, t):
-            sol = _solve_stack(op, cfg.alpha, bprime, r, opt, gen, None if znorm is None else znorm[idx])
+            def exact_factors(pos, idx=idx):
+                gs = [chunk[i] for i in idx[pos].tolist()]
+                Z64 = _sym_stack(stats, gs, torch.float64, device)
+                Z64.diagonal(dim1=-2, dim2=-1).add_(torch.tensor([lams[gidx[g]] for g in gs], dtype=torch.float64,
+                                                                 device=device)[:, None])
+                return _cholesky_ex(Z64)[0]
+
+            sol = _solve_stack(op, cfg.alpha, bprime, r, opt, gen, None if znorm is None else znorm[idx],
+                               exact_factors)
         with _phase("factors", device, t):
+            for n in sol.notes:
+                n.extend(chunk_notes)
             _emit(stats, cfg, names, mods, op, sol, {g: lams[i] for g, i in gidx.items()}, factors, reports)
         del op, G, u, sol
     if t:

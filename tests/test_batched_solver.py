@@ -133,7 +133,24 @@ def test_contract_float32_working_dtype():
     for beta, N in ((0.0, None), (0.03, 100_000)):
         got, _, errs = check_against_reference(stats, LoraDAConfig(rank=8, beta=beta, population_size=N),
                                                report_rtol=1e-5, dtype=torch.float32)
+        assert not any(n for r in got.reports.values() for n in r.notes)  # float32 throughout
         print(f"float32 beta={beta}: max rel err {max(errs.values()):.1e}")
+
+
+@pytest.mark.parametrize("spectrum", ["late", "singular"])
+def test_float32_promotes_ill_conditioned_statistics(spectrum):
+    """Asked for float32 on statistics whose cond(Zd) * eps32 is large (or whose float32 Cholesky
+    fails), the solver works in float64 for those groups and says so, rather than miss the contract."""
+    stats = synthetic(35, spectrum)
+    got, _, _ = check_against_reference(stats, LoraDAConfig(rank=8, population_size=100_000), dtype=torch.float32)
+    assert all(any("solved in float64" in n for n in r.notes) for r in got.reports.values())
+
+
+def test_float32_fallback_uses_float64_factors():
+    stats = synthetic(36, "well", layout=((160, (96,)),))
+    got, _, _ = check_against_reference(stats, LoraDAConfig(rank=4, population_size=100_000), report_rtol=1e-5,
+                                        dtype=torch.float32, maxiter=1)
+    assert got.reports["g0.m0"].solver == SOLVER_FALLBACK
 
 
 @pytest.mark.parametrize("dense_below,rank,apply", [(128, 4, "auto"), (0, 2, "auto"), (0, 4, "inverse")])
