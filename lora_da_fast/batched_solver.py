@@ -96,8 +96,8 @@ class BatchedOptions:
         extra: block size of the eigensolver is ``rank + extra`` (``None``: ``max(rank, 8)``).
         tol: bound on the sine of the angle between the computed and the exact ``r``-dimensional
             subspace (Davis-Kahan estimate from the residuals and the Ritz gap).
-        maxiter: iterations before a module falls back to the dense solve (fewer when a dense solve
-            would cost less than ``maxiter`` iterations).
+        maxiter: iterations before a module falls back to the dense solve; ``None``: 500 on GPU, 150 on
+            CPU, where fewer are allowed when a dense solve would cost less than the iterations.
         apply: ``"solve"`` (triangular solves with ``L``), ``"inverse"`` (explicit ``L^{-1}``, GEMMs)
             or ``"auto"`` (``"inverse"`` on GPU, ``"solve"`` on CPU).
         num_threads: on CPU, torch's intra-op threads during the solve (restored afterwards); ``None``
@@ -111,7 +111,7 @@ class BatchedOptions:
     dense_below: int = 128
     extra: Optional[int] = None
     tol: float = 1e-7
-    maxiter: int = 150
+    maxiter: Optional[int] = None
     apply: str = "auto"
     num_threads: Optional[int] = None
 
@@ -124,6 +124,8 @@ class BatchedOptions:
             raise ConfigError("max_batch_bytes must be positive")
         if not (0 < self.tol < 1):
             raise ConfigError("tol must be in (0, 1)")
+        if self.maxiter is not None and self.maxiter < 1:
+            raise ConfigError("maxiter must be a positive integer")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads must be a positive integer")
 
@@ -543,6 +545,12 @@ def _solve_dense(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
     return A, w[:, :kk], res, anorm, sigma2
 
 
+def _wide_blocks_free(op: "_Operator") -> bool:
+    """On a GPU an apply to 16 columns costs what one to 8 does (reading L^{-1} and G dominates): expand
+    every residual column; on CPU the cost is per column: expand the wanted ones only."""
+    return op.G.device.type != "cpu"
+
+
 def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r: int,
                  opt: BatchedOptions, gen: torch.Generator, zinv_norm: Optional[torch.Tensor] = None,
                  exact_factors=None) -> _StackSolution:
@@ -576,10 +584,13 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
     # Past the flops of a dense solve (forming M' ~ 2 n^2 d_out, eigh ~ 10 n^3) iterating is a loss:
     # such hard cases (wanted eigenvalues inside a spectrum spread by the variance term) go dense.
     per_iter = (2 if zd_precond else 1) * k * (4 * n * n + 4 * n * d_out) + 8 * n * (3 * k) ** 2
-    maxiter = int(min(opt.maxiter, max(30, (2 * n * n * d_out + 10 * n ** 3) / per_iter)))
+    # (on a GPU an iteration is cheap next to a large dense eigh: iterate longer there)
+    on_gpu = op.G.device.type == "cuda"
+    cap = opt.maxiter if opt.maxiter is not None else (500 if on_gpu else 150)
+    maxiter = cap if on_gpu else int(min(cap, max(30, (2 * n * n * d_out + 10 * n ** 3) / per_iter)))
     eig = lobpcg_batched(Mop, X0, r, gen=gen, tol=opt.tol, abs_tol=abs_tol, maxiter=maxiter,
                          value_tol=value_tol, anorm_floor=floor, zd_precond=zd_precond, AX=AX0,
-                         wcols=r)
+                         wcols=k if _wide_blocks_free(op) else r)
     del X0, AX0
     log.debug("stack %s x %s x %s: M' solve %s iterations (zd_precond=%s)", b, n, d_out,
               eig.iters.tolist(), zd_precond)
@@ -595,7 +606,7 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
         # vectors whenever the bias term matters), stop when the top Ritz value is exact to 1e-10.
         sop = op.with_coefficients(1.0, None)
         ev = lobpcg_batched(sop, eig.X[..., :min(k, 4)], 1, gen=gen, tol=opt.tol, abs_tol=abs_tol,
-                            maxiter=opt.maxiter, value_tol=1e-10, wcols=2)
+                            maxiter=cap, value_tol=1e-10, wcols=2)
         sigma2 = -ev.theta[:, 0]
         log.debug("stack %s x %s x %s: sigma solve %s iterations", b, n, d_out, ev.iters.tolist())
         eig_conv = eig.converged & ev.converged
