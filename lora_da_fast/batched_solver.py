@@ -409,8 +409,8 @@ def lobpcg_batched(op: _Operator, X: torch.Tensor, nwant: int, *, gen: torch.Gen
     (Davis-Kahan bound on the subspace sine) or ``||R_{:nwant}||_F <= abs_tol * ||A||`` with
     ``||A||`` estimated as ``max(|theta|, anorm_floor)``; with ``value_tol`` also
     ``min(||r_0||, ||r_0||^2 / gap_0) <= value_tol * |theta_0|`` (then ``theta_0`` is within that
-    relative distance of an eigenvalue). Finished items leave the batch (the operator is restricted to the rest when at most
-    half remain). ``zd_precond`` adds ``Zd R`` to the search space.
+    relative distance of an eigenvalue). Finished items leave the batch (the operator is restricted to
+    the rest when at most half remain). ``zd_precond`` adds ``Zd R`` to the search space.
     """
     b, n, k = X.shape
     dt = X.dtype
