@@ -831,7 +831,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         report = run_init(args, state)
     except LoraDAError as exc:
-        print(f"{PROG}: error{tag}: {_explain(exc, args, state)}", file=sys.stderr)
+        sys.stderr.write(f"{PROG}: error{tag}: {_explain(exc, args, state)}\n")  # one write: ranks share stderr
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
