@@ -33,6 +33,26 @@ PART_NAMES = {
 }
 
 
+
+def write_atomic(path: str, write: Callable[[str], None], explain: Callable[[OSError], str]) -> None:
+    """``write(tmp)`` then fsync and rename over ``path``: ``path`` is either untouched or complete, even
+    after a crash or Ctrl-C. An ``OSError`` becomes a :class:`ConfigError` with ``explain(exc)``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:  # an interrupted or failed write leaves the previous file intact
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise ConfigError(explain(exc)) from None
+        raise
+
 def _digest(*chunks: bytes) -> str:
     h = hashlib.sha256()
     for c in chunks:
@@ -117,22 +137,9 @@ def _write(sp, path: str, fp: str, done: int) -> None:
                 tensors[f"{key}.{i}"] = t.detach().contiguous().cpu()
     meta = {"fingerprint": fp, "done": done, "n": state["n"], "T": state["T"], "skipped": state["skipped"],
             "names": names, "version": CHECKPOINT_VERSION, "parts": _PARTS.get(fp)}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata={"lora_da_fast_checkpoint": json.dumps(meta)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as exc:  # an interrupted or failed write leaves the previous checkpoint intact
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise ConfigError(f"cannot write the statistics checkpoint {path} ({exc.strerror or exc}); "
-                              "free some disk space or choose another --stats-cache") from None
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"lora_da_fast_checkpoint": json.dumps(meta)}),
+                 lambda exc: f"cannot write the statistics checkpoint {path} ({exc.strerror or exc}); "
+                             "free some disk space or choose another --stats-cache")
 
 
 def saver(sp, path: str, fp: str, every: int) -> Callable[[int], None]:

@@ -363,21 +363,9 @@ def _load_stats_cache(path: str, want: Dict[str, str], say) -> Tuple[object, boo
 def _save_stats_atomic(stats, path: str) -> None:
     """Write ``path`` through a temp file, flushed to disk before the rename: ``path`` is either absent or
     complete, even after a crash."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        stats.save(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise ConfigError(f"--stats-cache {path}: cannot write it ({exc.strerror or exc})") from None
-        raise
+    from .checkpoint import write_atomic
+
+    write_atomic(path, stats.save, lambda exc: f"--stats-cache {path}: cannot write it ({exc.strerror or exc})")
 
 
 def _write_adapter(peft_model, report: dict, out: str) -> None:
