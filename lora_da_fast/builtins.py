@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import shutil
-import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
