@@ -198,13 +198,6 @@ def apply_lora_da(peft_model: nn.Module, factors: Dict[str, LoraFactors], adapte
             W.copy_((W.to(torch.float32) - delta).to(W.dtype))
 
 
-def _num_examples(examples) -> Optional[int]:
-    try:
-        return len(examples)
-    except TypeError:
-        return None
-
-
 def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_da_config: Optional[LoraDAConfig] = None,
                        subtract_init: bool = False, progress: bool = True,
                        stats: Optional[FisherStatistics] = None):
@@ -250,7 +243,7 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
     cfg = resolve_lora_da_config(lora_config, lora_da_config, names)
     check_rank_fits(model, names, cfg.rank)
     if stats is None:
-        stats = collect_statistics(model, examples, cfg, progress=progress, num_examples=_num_examples(examples))
+        stats = collect_statistics(model, examples, cfg, progress=progress)
     stats = select_statistics(stats, names, model, cfg.token_mask)
     result: LoraDAResult = solve_lora_da(stats, cfg, progress=progress)
     peft_model = get_peft_model(model, lora_config)

@@ -14,6 +14,7 @@ earliest target), and ``G`` is accumulated in the hooks as ``delta^T x``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -342,9 +343,10 @@ class StatisticsPass:
                 m.training = t
             self._saved = None
 
-    def usable(self, examples: Iterable) -> Iterator[Example]:
-        """Single examples from ``examples``; those without a label token are skipped and counted."""
-        for e in iter_examples(examples):
+    def usable(self, examples: Iterable, limit: Optional[int] = None) -> Iterator[Example]:
+        """Single examples from ``examples`` (the first ``limit`` of them if given); those without a
+        label token are skipped and counted."""
+        for e in itertools.islice(iter_examples(examples), limit):
             if e.num_label_tokens == 0:
                 self.skipped += 1
                 continue
@@ -440,13 +442,14 @@ class StatisticsPass:
         return _finalize(self.acc, self.n, self.T, self.skipped, self.cfg, self.model)
 
 
-def prepare_examples(sp: "StatisticsPass", examples: Iterable) -> List[Example]:
-    """The usable examples of ``examples`` (skipped ones counted in ``sp.skipped``), longest first when
+def prepare_examples(sp: "StatisticsPass", examples: Iterable, limit: Optional[int] = None) -> List[Example]:
+    """The usable examples of ``examples`` (of its first ``limit`` examples if given; skipped ones counted
+    in ``sp.skipped``), longest first when
     ``cfg.sort_by_length`` (batches of similar lengths waste little on padding; the statistics do not
     depend on the order), and this rank's shard of them under torch.distributed."""
     from . import distributed
 
-    exs = list(sp.usable(examples))
+    exs = list(sp.usable(examples, limit))
     if sp.cfg.sort_by_length:
         exs.sort(key=len, reverse=True)  # stable: ties keep the user's order
     if distributed.is_active():
@@ -490,8 +493,8 @@ def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     or 2-D padded batches, or a ``DataLoader`` of either. Examples without a label token are skipped and
     counted. The model's parameters, ``requires_grad`` flags and train/eval modes are restored on exit.
     Under an initialised ``torch.distributed`` process group, each rank takes its shard of the examples
-    and the sums are all-reduced. (``num_examples`` is accepted for compatibility and ignored: the
-    examples are counted before the pass.)
+    and the sums are all-reduced. ``num_examples``: use only the first ``num_examples`` examples (rows of
+    2-D batches count one each), e.g. of an endless iterator; ``None``: all of them.
 
     ``checkpoint``: a file that receives the pass's state every ``checkpoint_every`` examples (atomic
     writes, with a fingerprint of model, data, config and code version); if it exists when the pass
@@ -503,8 +506,11 @@ def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
 
     if checkpoint is not None and distributed.is_active():
         checkpoint = f"{checkpoint}.rank{distributed.rank()}"  # each rank checkpoints its own shard
+    if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
+                                     or num_examples < 1):
+        raise ConfigError(f"num_examples must be a positive integer or None, got {num_examples!r}")
     with distributed.guard(), StatisticsPass(model, cfg) as sp:
-        exs = prepare_examples(sp, examples)
+        exs = prepare_examples(sp, examples, num_examples)
         done, on_batch = 0, None
         if checkpoint is not None:
             fp = ckpt.fingerprint(model, sp, exs)

@@ -139,6 +139,27 @@ def test_examples_without_labels_are_skipped_and_counted():
         _stats(model, ex[3:])
 
 
+def test_num_examples_takes_the_first_examples_of_an_endless_stream():
+    import itertools
+
+    from lora_da_fast.errors import ConfigError
+
+    model = tiny_llama()
+    ex = random_examples(5)
+    cfg = LoraDAConfig(backend="torch")
+    # a generator that never ends: only the first 3 examples are drawn
+    stream = itertools.cycle(ex)
+    a = collect_statistics(model, stream, cfg, progress=False, num_examples=3)
+    _assert_same(a, _stats(model, ex[:3]), 1e-6)
+    assert a.num_examples == 3
+    # rows of a 2-D batch count one each
+    b = collect_statistics(model, [pad_batch(ex[:2]), pad_batch(ex[2:])], cfg, progress=False, num_examples=3)
+    assert b.num_examples == 3
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="num_examples"):
+            collect_statistics(model, ex, cfg, progress=False, num_examples=bad)
+
+
 def test_target_modules_by_list_and_regex():
     model = tiny_llama()
     ex = random_examples(2)
