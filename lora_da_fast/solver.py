@@ -14,7 +14,7 @@ import torch
 
 from .config import LoraDAConfig
 from .errors import ConfigError, NumericalError, TargetError
-from .statistics import FisherStatistics, ModuleStatistics, check_finite
+from .statistics import FisherStatistics, ModuleStatistics, check_finite, first_failing
 
 
 class LoraFactors(NamedTuple):
@@ -136,13 +136,14 @@ def check_rank(stats: FisherStatistics, rank: int) -> None:
 
 
 def check_nonzero(stats: FisherStatistics) -> None:
-    for name, st in stats.modules.items():
-        if not bool(st.G.any()):
-            raise NumericalError(f"module {name} has an all-zero gradient: it was never reached by the "
-                                 "loss (is it used in the forward pass?)")
-    for g, Z in stats.Z.items():
-        if not bool(Z.any()):
-            raise NumericalError(f"module {g} has all-zero input statistics: it never received an input")
+    checks = [(name, st.G.any()) for name, st in stats.modules.items()]
+    bad = first_failing(checks)
+    if bad is not None:
+        raise NumericalError(f"module {bad} has an all-zero gradient: it was never reached by the "
+                             "loss (is it used in the forward pass?)")
+    bad = first_failing([(g, Z.any()) for g, Z in stats.Z.items()])
+    if bad is not None:
+        raise NumericalError(f"module {bad} has all-zero input statistics: it never received an input")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -535,12 +535,27 @@ def _finalize(acc: _Accumulator, n: int, T: int, skipped: int, cfg: LoraDAConfig
     return stats
 
 
+def first_failing(checks: List[Tuple[str, torch.Tensor]]) -> Optional[str]:
+    """The label of the first ``(label, flag)`` whose boolean scalar tensor is false, or ``None``. The
+    flags are reduced on their devices and read with one transfer per device (not one per module: on a
+    GPU each read waits for the device)."""
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, (_, flag) in enumerate(checks):
+        by_device.setdefault(flag.device, []).append(i)
+    bad = len(checks)
+    for idxs in by_device.values():
+        values = torch.stack([checks[i][1] for i in idxs]).tolist()
+        bad = min([bad] + [i for i, ok in zip(idxs, values) if not ok])
+    return checks[bad][0] if bad < len(checks) else None
+
+
 def check_finite(stats: FisherStatistics) -> None:
     """Raise :class:`NumericalError` naming the first module whose statistics hold NaN or inf."""
-    for g, z in stats.Z.items():
-        if not torch.isfinite(z).all():
-            raise NumericalError(f"non-finite input statistics Z in module {g} (overflow in the model's dtype?)")
+    checks = [(f"input statistics Z in module {g}", torch.isfinite(z).all()) for g, z in stats.Z.items()]
     for name, st in stats.modules.items():
         for label, t in (("gradient G", st.G), ("output moment y", st.y), ("sequence sums", st.seq_sums)):
-            if t is not None and not torch.isfinite(t).all():
-                raise NumericalError(f"non-finite {label} in module {name} (overflow in the model's dtype?)")
+            if t is not None:
+                checks.append((f"{label} in module {name}", torch.isfinite(t).all()))
+    bad = first_failing(checks)
+    if bad is not None:
+        raise NumericalError(f"non-finite {bad} (overflow in the model's dtype?)")
