@@ -14,6 +14,10 @@ Two ways to run it:
       python benchmarks/bench_solver.py --shape smollm2 --device cpu --out /tmp/bench
       python benchmarks/bench_solver.py --shape llama7b --device cuda --out /tmp/bench
 
+  or on real statistics saved by ``lora-da-fast init --stats-cache FILE`` (or ``FisherStatistics.save``)::
+
+      python benchmarks/bench_solver.py --stats FILE --threads 1 --out /tmp/bench
+
   With ``llama7b`` the per-module methods run on ``--ref-modules`` modules only (default 4, all with
   ``d_in = 4096``); their total over the 224 modules is extrapolated from those and marked ``~``.
 
@@ -152,21 +156,24 @@ def _timed(fn, device):
 
 
 def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Optional[int] = None,
-        repeat: int = 2, beta: float = 0.03, phases: bool = False) -> List[dict]:
+        repeat: int = 2, beta: float = 0.03, phases: bool = False, stats_path: Optional[str] = None) -> List[dict]:
     device = torch.device(device)
     t0 = time.perf_counter()
-    stats = synthetic_statistics(shape, layers, device)
+    if stats_path is not None:
+        stats = FisherStatistics.load(stats_path, device=device)
+    else:
+        stats = synthetic_statistics(shape, layers, device)
     _sync(device)
-    print(f"statistics: {len(stats.modules)} modules, {len(stats.Z)} input groups, built in "
-          f"{time.perf_counter() - t0:.1f} s on {device}", flush=True)
+    print(f"statistics: {len(stats.modules)} modules, {len(stats.Z)} input groups, "
+          f"{'loaded' if stats_path else 'built'} in {time.perf_counter() - t0:.1f} s on {device}", flush=True)
     cfg = LoraDAConfig(rank=8, beta=beta, population_size=100_000)
     names = list(stats.modules)
-    if ref_modules is None and shape == "llama7b":
+    if ref_modules is None and shape == "llama7b" and stats_path is None:
         ref_modules = 4
     if ref_modules:
-        # modules with d_in = hidden only: a dense eigendecomposition of 11008 x 11008 per module is
-        # minutes of device time
-        hidden = SHAPES[shape][1]
+        # modules with the smallest d_in only: a dense eigendecomposition of 11008 x 11008 per module
+        # is minutes of device time
+        hidden = min(st.d_in for st in stats.modules.values())
         names = [n for n in names if stats.modules[n].d_in == hidden][:ref_modules]
     small = subset(stats, names)
     frac = len(names) / len(stats.modules)
@@ -233,6 +240,9 @@ def format_table(rows: List[dict], shape: str, device: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    ap.add_argument("--stats", default=None, metavar="FILE",
+                    help="real statistics (a FisherStatistics file, e.g. from lora-da-fast init --stats-cache) "
+                         "instead of synthetic ones of --shape")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than the model (quick runs)")
     ap.add_argument("--ref-modules", type=int, default=None,
@@ -251,13 +261,18 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    rows = run(args.shape, args.device, args.layers, args.ref_modules, args.repeat, args.beta, args.phases)
-    table = format_table(rows, args.shape, args.device)
+    if args.stats is not None and not os.path.isfile(args.stats):
+        print(f"--stats: no such file: {args.stats}", file=sys.stderr)
+        return 2
+    rows = run(args.shape, args.device, args.layers, args.ref_modules, args.repeat, args.beta, args.phases,
+               args.stats)
+    label = os.path.basename(args.stats) if args.stats else args.shape
+    table = format_table(rows, label, args.device)
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         dev = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-        meta = dict(shape=args.shape, device=args.device, device_name=dev, threads=torch.get_num_threads(),
+        meta = dict(shape=None if args.stats else args.shape, stats=args.stats, device=args.device, device_name=dev, threads=torch.get_num_threads(),
                     torch=torch.__version__, layers=args.layers, beta=args.beta)
         with open(os.path.join(args.out, "results.json"), "w") as fh:
             json.dump(dict(meta=meta, rows=rows), fh, indent=1)

@@ -230,6 +230,21 @@ def _zinv(L: Optional[torch.Tensor], Linv: Optional[torch.Tensor], X: torch.Tens
     return torch.linalg.solve_triangular(L.transpose(-1, -2), Y, upper=True)
 
 
+def _factor_runs(idx: torch.Tensor) -> Tuple[int, Optional[object]]:
+    """``(c, sel)`` when ``idx`` is ``c`` repeats of each of increasing factor indices (``sel``: a slice
+    if they are consecutive, else their index tensor), else ``(0, None)``."""
+    if idx.numel() == 0:
+        return 0, None
+    uniq, counts = torch.unique_consecutive(idx, return_counts=True)
+    c = int(counts[0])
+    if not bool((counts == c).all()) or (uniq.numel() > 1 and not bool((uniq[1:] > uniq[:-1]).all())):
+        return 0, None
+    first, last = int(uniq[0]), int(uniq[-1])
+    if last - first + 1 == uniq.numel():
+        return c, slice(first, last + 1)
+    return c, uniq
+
+
 # --------------------------------------------------------------------------------------------------
 # The operator A = -a D D^T + b Zd^{-1} on a stack, with D = -Zd^{-1} G^T diag(u) never formed
 
@@ -237,44 +252,70 @@ def _zinv(L: Optional[torch.Tensor], Linv: Optional[torch.Tensor], X: torch.Tens
 class _Operator:
     """``A = -a D D^T + b Zd^{-1} = Zd^{-1} (-a G^T diag(u^2) G Zd^{-1} + b I)`` for a stack of modules.
 
-    ``L``: ``[s, n, n]`` Cholesky factors of ``Zd``; ``G``: ``[s, d_out, n]``; ``u``: ``[s, d_out]``;
-    ``b``: ``[s]`` float64 or ``None``; ``Linv``: explicit ``L^{-1}`` (GPU) or ``None`` (solves).
+    ``Lsrc``: ``[g, n, n]`` Cholesky factors of the chunk's ``Zd``; ``idx``: ``[s]`` the factor of each
+    module of the stack; ``G``: ``[s, d_out, n]``; ``u``: ``[s, d_out]``; ``b``: ``[s]`` float64 or
+    ``None``; ``Linvsrc``: explicit ``L^{-1}`` per factor (GPU) or ``None`` (triangular solves).
     Forming ``D`` would cost ``n^2 d_out`` per module, applying it through ``Zd^{-1}`` costs ``4 n^2`` per
     column: with the ~100 columns an eigen-solve applies, never forming it is cheaper once ``d_out``
     exceeds ~200, i.e. for every module of a real model.
+
+    When the stack holds the same number ``c`` of modules of every factor, in factor order (q/o/down:
+    one per group; k/v, gate/up: two), ``Zd^{-1}`` is applied to the ``c`` modules' columns side by side,
+    with the chunk's factors themselves: no per-module copy of ``L`` and ``c`` times fewer, wider solves.
+    Otherwise (a subset of a stack, once some modules have converged) the factors are gathered per module.
     """
 
     def __init__(self, Lsrc: torch.Tensor, idx: torch.Tensor, G: torch.Tensor, u: torch.Tensor, a: float,
-                 b: Optional[torch.Tensor], Linv: Optional[torch.Tensor]):
-        # L is gathered from the chunk's factors (one per group) only when used: with an explicit
-        # inverse (GPU) only the preconditioner and the dense fallback need it.
-        self.Lsrc, self.idx, self._L = Lsrc, idx, None
-        self.G, self.u, self.a, self.b, self.Linv = G, u, a, b, Linv
+                 b: Optional[torch.Tensor], Linvsrc: Optional[torch.Tensor]):
+        self.Lsrc, self.Linvsrc, self.idx = Lsrc, Linvsrc, idx
+        self.G, self.u, self.a, self.b = G, u, a, b
+        self._L = self._Linv = None
+        self.per_factor, self._sel = _factor_runs(idx)
+        self._fL = self._fLinv = None
 
     @property
     def L(self) -> torch.Tensor:
+        """The stack's factors, one per module (gathered on first use: the dense fallback, ``zd_mul``)."""
         if self._L is None:
-            self._L = self.Lsrc if self.idx is None else self.Lsrc[self.idx]
+            self._L = self._factors()[0] if self.per_factor == 1 else self.Lsrc[self.idx]
         return self._L
+
+    def _factors(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The distinct factors of the stack, in order (a view of the chunk's when they are consecutive)."""
+        if self._fL is None:
+            self._fL = self.Lsrc[self._sel]
+            self._fLinv = None if self.Linvsrc is None else self.Linvsrc[self._sel]
+        return self._fL, self._fLinv
 
     def __len__(self) -> int:
         return self.G.shape[0]
 
     def subset(self, idx: torch.Tensor) -> "_Operator":
-        sub = _Operator(self.Lsrc, None if self.idx is None else self.idx[idx], self.G[idx], self.u[idx], self.a,
-                        None if self.b is None else self.b[idx], None if self.Linv is None else self.Linv[idx])
-        if self.idx is None:
-            sub.idx = idx
-        return sub
+        return _Operator(self.Lsrc, self.idx[idx], self.G[idx], self.u[idx], self.a,
+                         None if self.b is None else self.b[idx], self.Linvsrc)
 
     def with_coefficients(self, a: float, b: Optional[torch.Tensor]) -> "_Operator":
-        op = _Operator(self.Lsrc, self.idx, self.G, self.u, a, b, self.Linv)
-        op._L = self._L
+        op = _Operator(self.Lsrc, self.idx, self.G, self.u, a, b, self.Linvsrc)
+        op._L, op._Linv, op._fL, op._fLinv = self._L, self._Linv, self._fL, self._fLinv
         return op
 
     def zinv(self, X: torch.Tensor) -> torch.Tensor:
         """``Zd^{-1} X = L^{-T} (L^{-1} X)``."""
-        return _zinv(None if self.Linv is not None else self.L, self.Linv, X)
+        c = self.per_factor
+        if c:
+            L, Linv = self._factors()
+            if c == 1:
+                return _zinv(None if Linv is not None else L, Linv, X)
+            # the c modules of each factor side by side: [f*c, n, m] -> [f, n, c*m]
+            s, n, m = X.shape
+            Xg = X.reshape(-1, c, n, m).transpose(1, 2).reshape(-1, n, c * m)
+            Yg = _zinv(None if Linv is not None else L, Linv, Xg)
+            return Yg.reshape(-1, n, c, m).transpose(1, 2).reshape(s, n, m)
+        if self.Linvsrc is not None:
+            if self._Linv is None:
+                self._Linv = self.Linvsrc[self.idx]
+            return _zinv(None, self._Linv, X)
+        return _zinv(self.L, None, X)
 
     def d_mul(self, X: torch.Tensor) -> torch.Tensor:
         """``D X = -Zd^{-1} G^T (u * X)`` (``X``: ``[s, d_out, m]``)."""
@@ -786,7 +827,7 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
             for i, m in enumerate(names):
                 G[i].copy_(stats.modules[m].G)
             u = torch.stack([mods[m].u for m in names]).to(dt)
-            op = _Operator(L, idx, G, u, cfg.alpha, None, Linv[idx] if Linv is not None else None)
+            op = _Operator(L, idx, G, u, cfg.alpha, None, Linv)
             bprime = None
             if cfg.beta > 0:
                 bprime = torch.stack([cfg.beta * mods[m].u.sum() / cfg.population_size for m in names])
