@@ -65,6 +65,10 @@ SOLVER_ITERATIVE = "lobpcg-batched"
 SOLVER_DENSE = "dense-batched"
 SOLVER_FALLBACK = "dense-fallback"
 
+# relative accuracy of sigma^2 = ||D||_2^2 (Kato-Temple bound): lora_B is divided by sigma, so this is
+# the relative error it adds to lora_B @ lora_A (the contract allows 1e-4)
+SIGMA2_TOL = 1e-10
+
 
 @contextmanager
 def _phase(name: str, device: torch.device, acc: Dict[str, float]):
@@ -440,7 +444,7 @@ class _EigResult:
     converged: torch.Tensor  # [b] bool
 
 
-def lobpcg_batched(op: _Operator, X: torch.Tensor, nwant: int, *, gen: torch.Generator, tol: float,
+def lobpcg_batched(op: _Operator, X: torch.Tensor, nwant: int, *, gen: torch.Generator, tol: Optional[float],
                    abs_tol: float, maxiter: int, value_tol: Optional[float] = None,
                    anorm_floor: Optional[torch.Tensor] = None, zd_precond: bool = False,
                    AX: Optional[torch.Tensor] = None, wcols: Optional[int] = None) -> _EigResult:
@@ -448,7 +452,8 @@ def lobpcg_batched(op: _Operator, X: torch.Tensor, nwant: int, *, gen: torch.Gen
 
     An item stops when ``||R_{:nwant}||_F <= tol * (theta_{nwant} - theta_{nwant-1} - ||r_{nwant}||)``
     (Davis-Kahan bound on the subspace sine) or ``||R_{:nwant}||_F <= abs_tol * ||A||`` with
-    ``||A||`` estimated as ``max(|theta|, anorm_floor)``; with ``value_tol`` also
+    ``||A||`` estimated as ``max(|theta|, anorm_floor)`` (``tol=None``: no condition on the vectors);
+    with ``value_tol`` also
     ``min(||r_0||, ||r_0||^2 / gap_0) <= value_tol * |theta_0|`` (then ``theta_0`` is within that
     relative distance of an eigenvalue). Finished items leave the batch (the operator is restricted to
     the rest when at most half remain). ``zd_precond`` adds ``Zd R`` to the search space.
@@ -479,12 +484,14 @@ def lobpcg_batched(op: _Operator, X: torch.Tensor, nwant: int, *, gen: torch.Gen
         th = theta[:, :k]
         anorm = torch.maximum(th.abs().amax(-1), floor[active])
         rw = torch.linalg.vector_norm(rn[:, :nwant], dim=-1)
-        if k > nwant:
+        if tol is None:  # the value only (below)
+            ok = torch.ones_like(rw, dtype=torch.bool)
+        elif k > nwant:
             gap = th[:, nwant] - th[:, nwant - 1] - rn[:, nwant]
             ok = (rw <= tol * gap) & (gap > 0)
+            ok |= rw <= abs_tol * anorm
         else:
-            ok = torch.zeros_like(rw, dtype=torch.bool)
-        ok |= rw <= abs_tol * anorm
+            ok = rw <= abs_tol * anorm
         if value_tol is not None:
             # |theta_0 - lambda| <= min(||r_0||, ||r_0||^2 / gap) (Kato-Temple, gap to the next Ritz value)
             gap0 = th[:, 1] - th[:, 0] - rn[:, 1] if k > 1 else torch.zeros_like(rw)
@@ -621,7 +628,7 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
         floor = bprime.double() * zinv_norm
         theta0, _, _ = _rayleigh_ritz(X0, AX0)
         zd_precond = bool((floor > 0.1 * theta0[:, 0].abs()).any())
-    value_tol = 1e-10 if bprime is None else None  # beta = 0: theta_0 = -alpha sigma^2 is needed exactly
+    value_tol = SIGMA2_TOL if bprime is None else None  # beta = 0: theta_0 = -alpha sigma^2 is needed exactly
     # Past the flops of a dense solve (forming M' ~ 2 n^2 d_out, eigh ~ 10 n^3) iterating is a loss:
     # such hard cases (wanted eigenvalues inside a spectrum spread by the variance term) go dense.
     per_iter = (2 if zd_precond else 1) * k * (4 * n * n + 4 * n * d_out) + 8 * n * (3 * k) ** 2
@@ -633,8 +640,9 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
                          value_tol=value_tol, anorm_floor=floor, zd_precond=zd_precond, AX=AX0,
                          wcols=k if _wide_blocks_free(op) else r)
     del X0, AX0
-    log.debug("stack %s x %s x %s: M' solve %s iterations (zd_precond=%s)", b, n, d_out,
-              eig.iters.tolist(), zd_precond)
+    if log.isEnabledFor(logging.DEBUG):  # (reading the counts waits for the GPU)
+        log.debug("stack %s x %s x %s: M' solve %s iterations (zd_precond=%s)", b, n, d_out,
+                  eig.iters.tolist(), zd_precond)
     theta = eig.theta
     anorm = torch.maximum(theta.abs().amax(-1), floor if floor is not None else torch.zeros_like(theta[:, 0]))
     A = eig.X[..., :r]
@@ -644,12 +652,14 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
         sigma2 = -theta[:, 0] / alpha
     else:
         # sigma^2 = largest eigenvalue of D D^T: start from M''s Ritz vectors (nearly D's top singular
-        # vectors whenever the bias term matters), stop when the top Ritz value is exact to 1e-10.
+        # vectors whenever the bias term matters), stop when the top Ritz value is exact to SIGMA2_TOL
+        # (the vector itself is not used: no condition on it).
         sop = op.with_coefficients(1.0, None)
-        ev = lobpcg_batched(sop, eig.X[..., :min(k, 4)], 1, gen=gen, tol=opt.tol, abs_tol=abs_tol,
-                            maxiter=cap, value_tol=1e-10, wcols=2)
+        ev = lobpcg_batched(sop, eig.X[..., :min(k, 4)], 1, gen=gen, tol=None, abs_tol=abs_tol,
+                            maxiter=cap, value_tol=SIGMA2_TOL, wcols=2)
         sigma2 = -ev.theta[:, 0]
-        log.debug("stack %s x %s x %s: sigma solve %s iterations", b, n, d_out, ev.iters.tolist())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("stack %s x %s x %s: sigma solve %s iterations", b, n, d_out, ev.iters.tolist())
         eig_conv = eig.converged & ev.converged
         del ev
         eig = replace(eig, converged=eig_conv)
