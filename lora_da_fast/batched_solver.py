@@ -805,6 +805,16 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
     r = cfg.rank
     t: Dict[str, float] = {}
     chunk_notes: List[str] = []
+
+    def shape(m: str) -> Tuple[int, int]:
+        return stats.modules[m].d_in, stats.modules[m].d_out
+
+    def key(m: str, g: str) -> Tuple[int, int, int]:  # a module's stack: its shape and how many share it
+        return shape(m) + (sum(shape(x) == shape(m) for x in groups[g]),)
+
+    # groups with the same modules next to each other (q/k/v groups, then o groups, ...): a stack's
+    # factors are then a contiguous slice of the chunk's (see _Operator)
+    chunk = sorted(chunk, key=lambda g: sorted(key(m, g) for m in groups[g]))
     # one Cholesky per group, stacked (every group of a chunk has the same d_in)
     with _phase("cholesky", device, t):
         if dt == torch.float32:
@@ -824,12 +834,14 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
                 lam_y = output_damping(st, cfg)
                 u = output_inverse(st, stats.num_examples, lam_y, stats.output_fisher).to(device)
                 mods[m] = _Module(m, g, lam_y, u)
-    # stacks of same-shape modules
+    # stacks of same-shape modules, split by how many modules of that shape their group has, so that
+    # every factor of a stack serves the same number of its modules (q/k/v of a 7B model: one stack of
+    # three per group, o_proj: one of one)
     gidx = {g: i for i, g in enumerate(chunk)}
-    stacks: Dict[Tuple[int, int], List[str]] = {}
+    stacks: Dict[Tuple[int, int, int], List[str]] = {}
     for g in chunk:
         for m in groups[g]:
-            stacks.setdefault((stats.modules[m].d_in, stats.modules[m].d_out), []).append(m)
+            stacks.setdefault(key(m, g), []).append(m)
     for names in stacks.values():
         with _phase("stacks", device, t):
             idx = torch.tensor([gidx[mods[m].group] for m in names], device=device)
