@@ -108,7 +108,18 @@ def main(argv=None) -> int:
     ap.add_argument("--solver", default="auto")
     ap.add_argument("--layers-per-pass", default=None)
     ap.add_argument("--json", default=None, help="append one JSON line with the results to this file")
+    ap.add_argument("--solver-log", default=None, metavar="FILE",
+                    help="write the batched solver's DEBUG log (per chunk phase times, iterations per stack) "
+                         "to FILE; each phase then waits for the GPU, which adds a little to the solve time")
     args = ap.parse_args(argv)
+    if args.solver_log:
+        import logging
+
+        handler = logging.FileHandler(args.solver_log, mode="w")
+        handler.setFormatter(logging.Formatter("%(relativeCreated)9.0f ms  %(message)s"))
+        lg = logging.getLogger("lora_da_fast.batched_solver")
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

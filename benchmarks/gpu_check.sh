@@ -58,15 +58,15 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then  # CPU dry run of the script itself, tiny s
   step bench_kernels 300 $PY benchmarks/bench_kernels.py --out "$W"
   step bench_solver 300 $PY benchmarks/bench_solver.py --shape smollm2 --device cpu --out "$W"
   step e2e_tiny 300 $PY benchmarks/end_to_end.py --model tiny-llama --device cpu --dtype float32 \
-    --num-examples 8 --seq-len 32 --batch-size 4 --json "$W/e2e.jsonl"
+    --num-examples 8 --seq-len 32 --batch-size 4 --json "$W/e2e.jsonl" --solver-log "$W/solver_tiny.log"
 else
   TESTS=$(ls tests/test_kernels.py tests/test_batched_solver.py tests/test_pipeline.py tests/test_checkpoint.py 2>/dev/null)
   N=${GPU_CHECK_EXAMPLES:-256}
   step tests 90 $PY -m pytest -q -x -p no:cacheprovider $TESTS
   step bench_kernels 90 $PY benchmarks/bench_kernels.py --out "$W"
   step e2e_7b 150 $PY benchmarks/end_to_end.py --model llama-7b --device cuda --dtype bfloat16 \
-    --num-examples "$N" --seq-len 1024 --batch-size 4 --json "$W/e2e.jsonl"
-  step bench_solver 80 $PY benchmarks/bench_solver.py --shape llama7b --device cuda --out "$W"
+    --num-examples "$N" --seq-len 1024 --batch-size 4 --json "$W/e2e.jsonl" --solver-log "$W/solver_7b.log"
+  step bench_solver 80 $PY benchmarks/bench_solver.py --shape llama7b --device cuda --out "$W" --phases
   step e2e_1b 70 $PY benchmarks/end_to_end.py --model llama-1b --device cuda --dtype bfloat16 \
     --num-examples "$N" --seq-len 1024 --batch-size 8 --json "$W/e2e.jsonl"
 fi
