@@ -102,7 +102,8 @@ class BatchedOptions:
             subspace (Davis-Kahan estimate from the residuals and the Ritz gap). The estimate is
             conservative: measured errors of ``lora_B @ lora_A`` are 2e-8..6e-8 at ``1e-6`` (SmolLM2
             and random-weight statistics), 2000x under the 1e-4 contract; each further decade costs
-            ~2 iterations on decaying spectra, up to ~20 on the flat ones of random-weight models.
+            ~2 iterations on SmolLM2 statistics, ~4 on the flatter spectra of a random-weight model
+            (1024 wide), where 20-40 iterations are needed.
         maxiter: iterations before a module falls back to the dense solve; ``None``: 500 on GPU, 150 on
             CPU, where fewer are allowed when a dense solve would cost less than the iterations.
         apply: ``"solve"`` (triangular solves with ``L``), ``"inverse"`` (explicit ``L^{-1}``, GEMMs)
