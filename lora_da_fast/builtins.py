@@ -89,11 +89,29 @@ def _materialise(name: str, key: str, build, log=None) -> str:
     """Folder ``cache_dir()/name`` made by ``build(tmp_folder)`` unless already built for ``key``.
 
     Built in a temp folder renamed into place, so an interrupted build leaves nothing half-written;
-    if another process finished first, its folder is used.
+    if another process finished first, its folder is used. Under torch.distributed, rank 0 builds and
+    the other ranks wait for it (transformers' ``save_pretrained`` writes on global rank 0 only).
     """
+    from . import distributed
+
     folder = os.path.join(cache_dir(), name)
-    if _is_built(folder, key):
+    if not distributed.is_active():
+        if not _is_built(folder, key):
+            _build(folder, name, key, build, log)
         return folder
+    # every rank takes rank 0's branch: the collectives must match
+    if not distributed.broadcast_from_main(_is_built(folder, key)):
+        with distributed.step(f"building the built-in model {name}"):
+            if distributed.is_main():
+                _build(folder, name, key, build, log)
+    if not _is_built(folder, key):
+        raise ConfigError(f"the built-in model {name} is in {folder} for rank 0 but not for rank "
+                          f"{distributed.rank()}: set LORA_DA_FAST_CACHE to a folder every rank shares, or "
+                          "build it once on each machine by a run without torchrun")
+    return folder
+
+
+def _build(folder: str, name: str, key: str, build, log=None) -> None:
     try:
         os.makedirs(cache_dir(), exist_ok=True)
     except OSError as exc:
@@ -116,7 +134,6 @@ def _materialise(name: str, key: str, build, log=None) -> str:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 # --------------------------------------------------------------------------------------------------

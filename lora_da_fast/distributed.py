@@ -281,6 +281,17 @@ def guard(where: str = "the statistics pass") -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def step(where: str) -> Iterator[None]:
+    """Local work of every rank, then a status exchange: if the block raises on some rank, every rank
+    stops there (the failing one with its own exception, the others with :class:`DistributedError`
+    naming it) instead of waiting in a later collective. A no-op wrapper without a process group."""
+    with guard(where):
+        yield
+    if is_active():
+        _exchange(where)
+
+
 # --------------------------------------------------------------------------------------------------
 # Bucketed collectives over pieces of tensors
 
