@@ -467,9 +467,6 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
     # Everything cheap is checked before loading data or a model.
     out = os.path.abspath(args.out)
     if distributed.is_active():
-        if args.stats_cache:
-            raise ConfigError("--stats-cache is not supported under torchrun yet: run the statistics pass "
-                              "without it, or in one process")
         problem = None
         if distributed.is_main():  # one rank checks the output folder, every rank gets the verdict
             try:
@@ -519,7 +516,7 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
     from .peft_integration import (apply_lora_da, check_rank_fits, lora_target_names, resolve_lora_da_config,
                                    select_statistics)
     from .solver import solve_lora_da
-    from .statistics import StatisticsPass, collect_statistics, prepare_examples, run_pass
+    from .statistics import StatisticsPass, collect_statistics, prepare_examples, run_pass, shard_examples
 
     cfg_in = lora_da_config(population)
     try:
@@ -558,44 +555,57 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
 
     stats, cache_loaded, verified, resumed = None, False, None, 0
     if stats_cache:
-        # The fingerprint of this run's pass: model, targets, settings, the examples in pass order, code.
+        # The fingerprint of this run's pass: model, targets, settings, the examples in pass order (all of
+        # them, whatever the number of ranks: a file made under torchrun serves one process and back), code.
         sp = StatisticsPass(model, cfg)
-        exs = prepare_examples(sp, examples)
-        state.pass_examples = len(exs)
-        fp, parts = ckpt.fingerprint_with_parts(model, sp, exs)
+        full = prepare_examples(sp, examples, shard=False)
+        fp, parts = ckpt.fingerprint_with_parts(model, sp, full)
         want = {k: parts[k] for k in CACHE_PARTS}
-        if os.path.isfile(stats_cache):
-            with clock.phase("load_statistics"):
+        # rank 0 decides (every rank must take the same branch); each rank then reads the file itself
+        if distributed.broadcast_from_main(os.path.isfile(stats_cache)):
+            with clock.phase("load_statistics"), distributed.step("loading --stats-cache"):
+                if not os.path.isfile(stats_cache):
+                    raise ConfigError(f"--stats-cache {stats_cache}: rank 0 sees this file, rank "
+                                      f"{distributed.rank()} does not (the ranks need a shared filesystem)")
                 stats, verified = _load_stats_cache(stats_cache, want, say)
             cache_loaded = True
             if say:
                 say(f"statistics loaded from {stats_cache}")
         else:
-            partial = state.partial = stats_cache + PARTIAL_SUFFIX
-            meta = ckpt.peek(partial)
-            if meta is not None:
-                if meta.get("fingerprint") != fp:
-                    raise ConfigError(ckpt.mismatch_message(partial, meta, fp))
-                resumed = int(meta["done"])
-                if say:
-                    say(f"resuming the statistics pass from {partial}: {resumed} of {len(exs)} examples "
-                        "already done")
-            elif say:
-                say(f"statistics pass checkpointed every {args.checkpoint_every} examples in {partial} "
-                    "(after Ctrl-C or a crash, rerun the same command to resume)")
+            # Under torchrun each rank runs and checkpoints its own shard (FILE.partial.rankR); resuming
+            # needs the same number of ranks (the shards are part of the checkpoint's fingerprint).
+            exs = shard_examples(sp, full)
+            if distributed.is_active():
+                fp, _ = ckpt.fingerprint_with_parts(model, sp, exs)
+            state.pass_examples = len(exs)
+            partial = state.partial = stats_cache + PARTIAL_SUFFIX + (
+                f".rank{distributed.rank()}" if distributed.is_active() else "")
             # collect_statistics(checkpoint=...) step by step, so that the checkpoint is removed only once
             # FILE is safely written (the API removes it when the pass ends).
             with clock.phase("statistics"):
-                with sp:
+                with distributed.guard(), sp:
+                    meta = ckpt.peek(partial)
+                    if meta is not None:
+                        if meta.get("fingerprint") != fp:
+                            raise ConfigError(ckpt.mismatch_message(partial, meta, fp))
+                        resumed = int(meta["done"])
+                        if say:
+                            say(f"resuming the statistics pass from {partial}: {resumed} of {len(exs)} "
+                                "examples already done")
+                    elif say:
+                        say(f"statistics pass checkpointed every {args.checkpoint_every} examples in {partial} "
+                            "(after Ctrl-C or a crash, rerun the same command to resume)")
                     done = ckpt.resume(sp, partial, fp)
                     run_pass(sp, exs, show, done=done,
                              on_batch=ckpt.saver(sp, partial, fp, args.checkpoint_every))
-                stats = sp.finalize()
+                stats = sp.finalize()  # (summed over the ranks under torchrun)
             stats.meta = dict(stats.meta, fingerprint={"parts": want},
                               cli={"model": args.model, "data": args.data, "num_samples": args.num_samples,
                                    "max_length": args.max_length, "token_mask": args.token_mask,
                                    "dtype": args.dtype})
-            _save_stats_atomic(stats, stats_cache)
+            with distributed.step("writing --stats-cache"):  # rank 0 writes; the checkpoints go once it has
+                if distributed.is_main():
+                    _save_stats_atomic(stats, stats_cache)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(partial)
             if say:

@@ -442,22 +442,32 @@ class StatisticsPass:
         return _finalize(self.acc, self.n, self.T, self.skipped, self.cfg, self.model)
 
 
-def prepare_examples(sp: "StatisticsPass", examples: Iterable, limit: Optional[int] = None) -> List[Example]:
+def prepare_examples(sp: "StatisticsPass", examples: Iterable, limit: Optional[int] = None,
+                     shard: bool = True) -> List[Example]:
     """The usable examples of ``examples`` (of its first ``limit`` examples if given; skipped ones counted
-    in ``sp.skipped``), longest first when
-    ``cfg.sort_by_length`` (batches of similar lengths waste little on padding; the statistics do not
-    depend on the order), and this rank's shard of them under torch.distributed."""
+    in ``sp.skipped``), longest first when ``cfg.sort_by_length`` (batches of similar lengths waste
+    little on padding; the statistics do not depend on the order), and, under torch.distributed with
+    ``shard``, this rank's shard of them (:func:`shard_examples`)."""
     from . import distributed
 
     exs = list(sp.usable(examples, limit))
     if sp.cfg.sort_by_length:
         exs.sort(key=len, reverse=True)  # stable: ties keep the user's order
-    if distributed.is_active():
-        # every rank saw (and counted) every example; the count is summed over ranks later
-        if not distributed.is_main():
-            sp.skipped = 0
-        exs = list(distributed.shard(exs))
+    if shard and distributed.is_active():
+        exs = shard_examples(sp, exs)
     return exs
+
+
+def shard_examples(sp: "StatisticsPass", exs: List[Example]) -> List[Example]:
+    """This rank's shard of the prepared examples ``exs`` (all of them without torch.distributed)."""
+    from . import distributed
+
+    if not distributed.is_active():
+        return exs
+    # every rank saw (and counted) every example; the count is summed over ranks later
+    if not distributed.is_main():
+        sp.skipped = 0
+    return list(distributed.shard(exs))
 
 
 def run_pass(sp: "StatisticsPass", examples: List[Example], progress: bool = True, desc: str = "statistics",

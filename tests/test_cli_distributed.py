@@ -26,28 +26,24 @@ def _torchrun(argv, env, tmp_path):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
-def test_torchrun_two_ranks_equals_one_process(tmp_path):
-    env = dict(os.environ, LORA_DA_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    data = tmp_path / "calib.jsonl"
+# o_proj is left out: its input (attention outputs of a tiny random model) has a covariance with
+# condition number ~1e6, so the fp32 summation order alone moves its subspace by ~1e-2 (the same
+# statistics agree to 1e-7; see docs/implementation.md, "Numerics").
+TARGETS = ["--target-modules", "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"]
+
+
+def _calibration_file(tmp_path):
     # Enough distinct tokens (random printable text) that every Z is full rank: with a singular Z the
     # damping amplifies fp32 rounding in G's null-space component by 1/damping, and two summation
     # orders then give visibly different subspaces (docs/implementation.md, "Numerics").
+    data = tmp_path / "calib.jsonl"
     rng = random.Random(0)
     texts = ["".join(rng.choice(string.printable[:94]) for _ in range(40)) for _ in range(12)]
     data.write_text("\n".join(json.dumps({"text": t}) for t in texts + TEXTS) + "\n")
-    # o_proj is left out: its input (attention outputs of a tiny random model) has a covariance with
-    # condition number ~1e6, so the fp32 summation order alone moves its subspace by ~1e-2 (the same
-    # statistics agree to 1e-7; see docs/implementation.md, "Numerics").
-    targets = ["--target-modules", "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"]
-    one = subprocess.run([sys.executable, "-m", "lora_da_fast", *base_args(str(data), tmp_path / "one", "--quiet",
-                                                                           *targets)],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert one.returncode == 0, one.stderr
-    two = _torchrun(base_args(str(data), tmp_path / "two", "--json", *targets), env, tmp_path)
-    assert two.returncode == 0, two.stderr[-2000:]
-    report = json.loads(two.stdout)  # rank 0 alone printed the report
-    assert report["world_size"] == 2
-    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    return data
+
+
+def _worst_product_difference(a, b):
     assert a.keys() == b.keys()
     worst = 0.0
     for k in a:
@@ -56,6 +52,22 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
         kb = k.replace(".lora_A.", ".lora_B.")
         pa, pb = a[kb].double() @ a[k].double(), b[kb].double() @ b[k].double()
         worst = max(worst, rel_err(pb, pa))
+    return worst
+
+
+def test_torchrun_two_ranks_equals_one_process(tmp_path):
+    env = dict(os.environ, LORA_DA_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    data = _calibration_file(tmp_path)
+    targets = TARGETS
+    one = subprocess.run([sys.executable, "-m", "lora_da_fast", *base_args(str(data), tmp_path / "one", "--quiet",
+                                                                           *targets)],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(base_args(str(data), tmp_path / "two", "--json", *targets), env, tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    report = json.loads(two.stdout)  # rank 0 alone printed the report
+    assert report["world_size"] == 2
+    worst = _worst_product_difference(adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two"))
     print(f"worst relative difference of lora_B @ lora_A, 2 ranks vs 1 process: {worst:.2e}")
     # Only the summation order of the fp32 statistics differs (1e-7 relative); measured 7e-6.
     assert worst < TOL["solver_contract"]
@@ -69,3 +81,33 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
         assert bad.stderr.count(f"lora-da-fast: error (rank {r}): --data ") == 1, bad.stderr[-2000:]
     assert bad.stderr.count("missing.jsonl: no such file") == 2
     assert not os.path.exists(tmp_path / "three")
+
+
+def test_torchrun_statistics_cache_is_shared_with_one_process(tmp_path):
+    """``--stats-cache`` under torchrun: rank 0 writes FILE (no checkpoint left behind), a one-process
+    run reuses it (the fingerprint covers all the examples, not a rank's shard) and gets the adapter of
+    the two ranks, and a second torchrun run loads it on every rank. The first run starts with an empty
+    built-in model cache: rank 0 builds tiny-llama while rank 1 waits (transformers saves weights on
+    rank 0 only; both ranks building failed before)."""
+    env = dict(os.environ, LORA_DA_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    data = _calibration_file(tmp_path)
+    cache = tmp_path / "stats.safetensors"
+    made = _torchrun(base_args(str(data), tmp_path / "two", "--stats-cache", str(cache), *TARGETS), env, tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "statistics saved to" in made.stderr
+    assert cache.is_file()
+    assert not [f for f in os.listdir(tmp_path) if ".partial" in f or ".tmp-" in f], os.listdir(tmp_path)
+    one = subprocess.run([sys.executable, "-m", "lora_da_fast", *base_args(str(data), tmp_path / "one",
+                                                                           "--stats-cache", str(cache), *TARGETS)],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "statistics loaded from" in one.stderr
+    worst = _worst_product_difference(adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two"))
+    # the same statistics, solved sharded or in one process: only the solver's stopping point differs
+    assert worst < TOL["solver_contract"], worst
+    again = _torchrun(base_args(str(data), tmp_path / "three", "--stats-cache", str(cache), *TARGETS), env,
+                      tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("statistics loaded from") == 1  # rank 0 alone talks
+    worst = _worst_product_difference(adapter_tensors(tmp_path / "two"), adapter_tensors(tmp_path / "three"))
+    assert worst == 0.0  # same statistics, same sharded solve: bit for bit
