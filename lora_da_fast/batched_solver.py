@@ -10,6 +10,8 @@ accuracy contract, much faster. The work is organised as follows:
 3. **Never form ``D`` or ``Zd^{-1}``.** ``D = -Zd^{-1} G^T diag(u)`` (``d_in x d_out``) is only applied:
    ``D x = -Zd^{-1} G^T (u x)``, ``D^T x = -u (G Zd^{-1} x)``, with ``Zd^{-1} x = L^{-T} (L^{-1} x)``
    (two triangular solves on narrow blocks on CPU, products with an explicit ``L^{-1}`` on GPU).
+   Stacks hold the modules of one shape whose groups have the same number of them (q/k/v of a 7B
+   model, gate/up, ...): the modules of one factor are then applied side by side, each factor read once.
    Forming ``D`` costs ``d_in^2 d_out`` per module; the ~100 columns an eigen-solve applies cost less.
 4. **Eigen-solve.** ``sigma^2 M = M' = -alpha D D^T + beta (sum(u)/N) Zd^{-1}`` has the eigenvectors of
    ``M`` and does not need ``sigma``. Its ``r`` smallest eigenvectors come from a batched LOBPCG
