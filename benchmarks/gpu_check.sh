@@ -5,7 +5,9 @@
 #      reference path, d_in in {576, 2048, 4096, 11008}, 16k tokens, bf16),
 #   3. the solver benchmark on a 7B-shaped set of statistics (224 modules, 128 input groups),
 #   4. end to end (plain fwd+bwd vs our statistics + solve) on randomly initialised Llama 1B and 7B
-#      shapes, bf16, 256 examples x 1024 tokens.
+#      shapes, bf16, 256 examples x 1024 tokens (the 7B solve's DEBUG log: phases, iterations),
+#   5. the solver on flat spectra (statistics of a random-weight 1B-wide, 4-layer Llama) with the
+#      default block and wider ones (--extra 24,40).
 # No downloads: models come from configs. Runs from the source tree (PYTHONPATH=.), no install.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default benchmarks/out/)
@@ -59,6 +61,10 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then  # CPU dry run of the script itself, tiny s
   step bench_solver 300 $PY benchmarks/bench_solver.py --shape smollm2 --device cpu --out "$W"
   step e2e_tiny 300 $PY benchmarks/end_to_end.py --model tiny-llama --device cpu --dtype float32 \
     --num-examples 8 --seq-len 32 --batch-size 4 --json "$W/e2e.jsonl" --solver-log "$W/solver_tiny.log"
+  step random_stats 300 $PY benchmarks/random_llama_stats.py --hidden 256 --intermediate 512 --layers 1 \
+    --examples 8 --seq-len 64 --out "$W/random_tiny.safetensors"
+  step bench_solver_flat 300 $PY benchmarks/bench_solver.py --stats "$W/random_tiny.safetensors" --device cpu \
+    --extra 24 --ref-modules 2 --repeat 1 --out "$W/flat"
 else
   TESTS=$(ls tests/test_kernels.py tests/test_batched_solver.py tests/test_pipeline.py tests/test_checkpoint.py 2>/dev/null)
   N=${GPU_CHECK_EXAMPLES:-256}
@@ -69,11 +75,19 @@ else
   step bench_solver 80 $PY benchmarks/bench_solver.py --shape llama7b --device cuda --out "$W" --phases
   step e2e_1b 70 $PY benchmarks/end_to_end.py --model llama-1b --device cuda --dtype bfloat16 \
     --num-examples "$N" --seq-len 1024 --batch-size 8 --json "$W/e2e.jsonl"
+  # flat spectra (random weights, 1B widths, 4 layers): does a wider block (fewer iterations, measured
+  # on CPU: median 30 -> 18 with extra 24) pay on the GPU?
+  step random_stats 60 $PY benchmarks/random_llama_stats.py --hidden 2048 --intermediate 5632 --layers 4 \
+    --examples 64 --seq-len 512 --device cuda --out "$W/random_1b4.safetensors"
+  step bench_solver_flat 90 $PY benchmarks/bench_solver.py --stats "$W/random_1b4.safetensors" --device cuda \
+    --extra 24,40 --ref-modules 4 --repeat 1 --out "$W/flat"
 fi
 
 {
   echo
-  for f in "$W"/*.md; do [ "$f" = "$SUMMARY" ] || { echo "## $(basename "$f")"; cat "$f"; echo; }; done
+  for f in "$W"/*.md "$W"/*/*.md; do
+    [ -f "$f" ] && [ "$f" != "$SUMMARY" ] && { echo "## ${f#$W/}"; cat "$f"; echo; }
+  done
   if [ -s "$W/e2e.jsonl" ]; then
     echo "## end to end"
     $PY - "$W/e2e.jsonl" <<'EOF'
@@ -88,6 +102,7 @@ EOF
   fi
 } >> "$SUMMARY" 2>&1
 cp "$SUMMARY" "$OUT/summary.md"
+rm -f "$W"/*.safetensors  # statistics: large, rebuilt by the command above
 tar -C "$W" -czf "$OUT/gpu_check.tar.gz" .
 echo
 cat "$OUT/summary.md"

@@ -113,6 +113,9 @@ class BatchedOptions:
         num_threads: on CPU, torch's intra-op threads during the solve (restored afterwards); ``None``
             leaves the setting alone. The iterations are narrow, memory-bound products: on a loaded
             machine one thread per process can be several times faster than two.
+        expand_all: expand every residual column of the block in each iteration (fewer iterations)
+            rather than the ``rank`` wanted ones; ``None``: on GPU only, where an iteration costs the
+            reading of the factors whatever the width, while on CPU the cost grows with the columns.
     """
 
     dtype: Optional[torch.dtype] = None
@@ -124,6 +127,7 @@ class BatchedOptions:
     maxiter: Optional[int] = None
     apply: str = "auto"
     num_threads: Optional[int] = None
+    expand_all: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
@@ -637,6 +641,7 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
     value_tol = SIGMA2_TOL if bprime is None else None  # beta = 0: theta_0 = -alpha sigma^2 is needed exactly
     # Past the flops of a dense solve (forming M' ~ 2 n^2 d_out, eigh ~ 10 n^3) iterating is a loss:
     # such hard cases (wanted eigenvalues inside a spectrum spread by the variance term) go dense.
+    expand_all = opt.expand_all if opt.expand_all is not None else _wide_blocks_free(op)
     per_iter = (2 if zd_precond else 1) * k * (4 * n * n + 4 * n * d_out) + 8 * n * (3 * k) ** 2
     # (on a GPU an iteration is cheap next to a large dense eigh: iterate longer there)
     on_gpu = op.G.device.type == "cuda"
@@ -644,7 +649,7 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
     maxiter = cap if on_gpu else int(min(cap, max(30, (2 * n * n * d_out + 10 * n ** 3) / per_iter)))
     eig = lobpcg_batched(Mop, X0, r, gen=gen, tol=opt.tol, abs_tol=abs_tol, maxiter=maxiter,
                          value_tol=value_tol, anorm_floor=floor, zd_precond=zd_precond, AX=AX0,
-                         wcols=k if _wide_blocks_free(op) else r)
+                         wcols=k if expand_all else r)
     del X0, AX0
     if log.isEnabledFor(logging.DEBUG):  # (reading the counts waits for the GPU)
         log.debug("stack %s x %s x %s: M' solve %s iterations (zd_precond=%s)", b, n, d_out,

@@ -126,6 +126,15 @@ def test_contract_variance_dominated(apply):
     check_against_reference(stats, LoraDAConfig(rank=8, beta=1e6, population_size=1), apply=apply)
 
 
+@pytest.mark.parametrize("extra", [2, 24])
+def test_contract_with_other_blocks(extra):
+    """Narrow and wide blocks, every residual column expanded (the GPU's way) or not: same contract."""
+    stats = synthetic(33, "late", layout=((200, (200, 64)), (200, (96,))))
+    for expand_all in (False, True):
+        check_against_reference(stats, LoraDAConfig(rank=8, population_size=100_000), dense_below=0, extra=extra,
+                                expand_all=expand_all)
+
+
 def test_contract_float32_working_dtype():
     """Float32 factorisation and iterations with float64 Rayleigh-Ritz: enough on well-conditioned
     statistics (cond(Zd) * eps32 small), which is what the option is for."""
