@@ -6,7 +6,8 @@
 #   3. the solver benchmark on a 7B-shaped set of statistics (224 modules, 128 input groups),
 #   4. end to end (plain fwd+bwd vs our statistics + solve) on randomly initialised Llama 1B and 7B
 #      shapes, bf16, 256 examples x 1024 tokens (the 7B solve's DEBUG log: phases, iterations),
-#   5. the solver on flat spectra (statistics of a random-weight 1B-wide, 4-layer Llama) with the
+#   5. the solver's inner product alone ([b, n, n] @ [b, n, k], fp64/fp32: bandwidth reached),
+#   6. the solver on flat spectra (statistics of a random-weight 1B-wide, 4-layer Llama) with the
 #      default block and wider ones (--extra 24,40).
 # No downloads: models come from configs. Runs from the source tree (PYTHONPATH=.), no install.
 #
@@ -61,6 +62,7 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then  # CPU dry run of the script itself, tiny s
   step bench_solver 300 $PY benchmarks/bench_solver.py --shape smollm2 --device cpu --out "$W"
   step e2e_tiny 300 $PY benchmarks/end_to_end.py --model tiny-llama --device cpu --dtype float32 \
     --num-examples 8 --seq-len 32 --batch-size 4 --json "$W/e2e.jsonl" --solver-log "$W/solver_tiny.log"
+  step bench_apply 120 $PY benchmarks/bench_apply.py --device cpu --sizes 256 --stack 1,2 --cols 8,16 --reps 3 --out "$W"
   step random_stats 300 $PY benchmarks/random_llama_stats.py --hidden 256 --intermediate 512 --layers 1 \
     --examples 8 --seq-len 64 --out "$W/random_tiny.safetensors"
   step bench_solver_flat 300 $PY benchmarks/bench_solver.py --stats "$W/random_tiny.safetensors" --device cpu \
@@ -73,6 +75,7 @@ else
   step e2e_7b 150 $PY benchmarks/end_to_end.py --model llama-7b --device cuda --dtype bfloat16 \
     --num-examples "$N" --seq-len 1024 --batch-size 4 --json "$W/e2e.jsonl" --solver-log "$W/solver_7b.log"
   step bench_solver 80 $PY benchmarks/bench_solver.py --shape llama7b --device cuda --out "$W" --phases
+  step bench_apply 45 $PY benchmarks/bench_apply.py --device cuda --out "$W"
   step e2e_1b 70 $PY benchmarks/end_to_end.py --model llama-1b --device cuda --dtype bfloat16 \
     --num-examples "$N" --seq-len 1024 --batch-size 8 --json "$W/e2e.jsonl"
   # flat spectra (random weights, 1B widths, 4 layers): does a wider block (fewer iterations, measured
