@@ -110,9 +110,11 @@ class BatchedOptions:
             CPU, where fewer are allowed when a dense solve would cost less than the iterations.
         apply: ``"solve"`` (triangular solves with ``L``), ``"inverse"`` (explicit ``L^{-1}``, GEMMs)
             or ``"auto"`` (``"inverse"`` on GPU, ``"solve"`` on CPU).
-        num_threads: on CPU, torch's intra-op threads during the solve (restored afterwards); ``None``
-            leaves the setting alone. The iterations are narrow, memory-bound products: on a loaded
-            machine one thread per process can be several times faster than two.
+        num_threads: on CPU, torch's intra-op threads during the solve, per worker (restored
+            afterwards); ``None``: 1 with several workers, else the setting is left alone.
+        workers: on CPU, chunks of groups solved at the same time by this many threads, each with one
+            torch intra-op thread (``num_threads`` if given); ``None``: torch's current number of
+            threads. The result does not depend on it. On GPU chunks are solved one after the other.
         expand_all: expand every residual column of the block in each iteration (fewer iterations)
             rather than the ``rank`` wanted ones; ``None``: on GPU only, where an iteration costs the
             reading of the factors whatever the width, while on CPU the cost grows with the columns.
@@ -128,6 +130,7 @@ class BatchedOptions:
     apply: str = "auto"
     num_threads: Optional[int] = None
     expand_all: Optional[bool] = None
+    workers: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
@@ -142,6 +145,8 @@ class BatchedOptions:
             raise ConfigError("maxiter must be a positive integer")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads must be a positive integer")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("workers must be a positive integer")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -754,21 +759,44 @@ def solve_batched(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = F
     r = cfg.rank
     k = r + (opt.extra if opt.extra is not None else max(r, 8))
     itemsize = torch.finfo(dt).bits // 8
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
+    chunks = _plan_chunks(stats, groups, budget, k, itemsize, explicit_inverse)
+    # one random stream per chunk, drawn from the seed: the result does not depend on which worker
+    # solves which chunk, or when
+    seeds = torch.randint(0, 2 ** 62, (len(chunks),), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    threads = torch.get_num_threads()
+    workers = 1
+    if device.type == "cpu":
+        workers = max(1, min(opt.workers if opt.workers is not None else threads, len(chunks)))
 
     factors: Dict[str, LoraFactors] = {}
     reports: Dict[str, ModuleReport] = {}
-    threads = torch.get_num_threads()
-    if opt.num_threads is not None and device.type == "cpu":
-        torch.set_num_threads(opt.num_threads)
+
+    def solve(i: int) -> int:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seeds[i])
+        _solve_chunk(stats, cfg, groups, chunks[i], device, dt, explicit_inverse, opt, gen, factors, reports)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return sum(len(groups[g]) for g in chunks[i])
+
+    if device.type == "cpu" and (opt.num_threads is not None or workers > 1):
+        # several workers: one intra-op thread each (narrow products gain little from more threads,
+        # independent chunks gain all of them), unless num_threads says otherwise
+        torch.set_num_threads(opt.num_threads or 1)
     bar = tqdm(total=len(stats.modules), desc="solve (batched)", unit="module", disable=not progress)
     try:
-        for chunk in _plan_chunks(stats, groups, budget, k, itemsize, explicit_inverse):
-            _solve_chunk(stats, cfg, groups, chunk, device, dt, explicit_inverse, opt, gen, factors, reports)
-            bar.update(sum(len(groups[g]) for g in chunk))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if workers == 1:
+            for i in range(len(chunks)):
+                bar.update(solve(i))
+        else:
+            from concurrent.futures import ThreadPoolExecutor, as_completed
+
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-da-solve")
+            try:
+                for fut in as_completed([pool.submit(solve, i) for i in range(len(chunks))]):
+                    bar.update(fut.result())
+            finally:  # on an error or Ctrl-C: no new chunk starts, the running ones finish
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
         torch.set_num_threads(threads)

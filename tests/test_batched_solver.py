@@ -241,6 +241,22 @@ def test_streaming_under_a_memory_budget_gives_the_same_result():
         assert rel_err(product(a[name]), product(b[name])) <= 1e-7
 
 
+def test_parallel_workers_give_the_same_bits():
+    """Chunks solved by several CPU threads at once (one intra-op thread each): bit for bit the result
+    of one worker, whatever order the chunks finish in (one random stream per chunk)."""
+    stats = synthetic(10, "late")
+    cfg = LoraDAConfig(rank=4, population_size=100_000)
+    threads = torch.get_num_threads()
+    one = solve_batched(stats, cfg, max_batch_bytes=1, workers=1, num_threads=1)
+    three = solve_batched(stats, cfg, max_batch_bytes=1, workers=3)
+    assert torch.get_num_threads() == threads  # restored
+    for name in one:
+        assert torch.equal(one[name].lora_A, three[name].lora_A) and torch.equal(one[name].lora_B, three[name].lora_B)
+        assert one.reports[name].solver == three.reports[name].solver
+    with pytest.raises(ConfigError, match="workers"):
+        BatchedOptions(workers=0)
+
+
 def test_cholesky_stack_retries_per_item():
     gen = torch.Generator().manual_seed(9)
     v = torch.randn(8, 1, generator=gen, dtype=torch.float64)
