@@ -587,7 +587,9 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
                     meta = ckpt.peek(partial)
                     if meta is not None:
                         if meta.get("fingerprint") != fp:
-                            raise ConfigError(ckpt.mismatch_message(partial, meta, fp))
+                            hint = (" (under torchrun each rank checkpoints its own shard of the examples: "
+                                    "resume with the same number of ranks)" if distributed.is_active() else "")
+                            raise ConfigError(ckpt.mismatch_message(partial, meta, fp) + hint)
                         resumed = int(meta["done"])
                         if say:
                             say(f"resuming the statistics pass from {partial}: {resumed} of {len(exs)} "
@@ -608,6 +610,11 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
                     _save_stats_atomic(stats, stats_cache)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(partial)
+            if distributed.is_main():  # checkpoints of earlier runs with another number of ranks
+                for stale in glob.glob(glob.escape(stats_cache + PARTIAL_SUFFIX) + ".rank*"):
+                    if not stale.endswith(".tmp") and ".tmp-" not in stale:
+                        with contextlib.suppress(OSError):
+                            os.remove(stale)
             if say:
                 say(f"statistics saved to {stats_cache}")
     else:

@@ -86,12 +86,15 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
 def test_torchrun_statistics_cache_is_shared_with_one_process(tmp_path):
     """``--stats-cache`` under torchrun: rank 0 writes FILE (no checkpoint left behind), a one-process
     run reuses it (the fingerprint covers all the examples, not a rank's shard) and gets the adapter of
-    the two ranks, and a second torchrun run loads it on every rank. The first run starts with an empty
+    the two ranks, and a second torchrun run loads it on every rank; stale checkpoints of another number
+    of ranks are removed. The first run starts with an empty
     built-in model cache: rank 0 builds tiny-llama while rank 1 waits (transformers saves weights on
     rank 0 only; both ranks building failed before)."""
     env = dict(os.environ, LORA_DA_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     data = _calibration_file(tmp_path)
     cache = tmp_path / "stats.safetensors"
+    # a checkpoint left by an earlier run with more ranks: removed once FILE is written
+    (tmp_path / "stats.safetensors.partial.rank5").write_bytes(b"stale")
     made = _torchrun(base_args(str(data), tmp_path / "two", "--stats-cache", str(cache), *TARGETS), env, tmp_path)
     assert made.returncode == 0, made.stderr[-2000:]
     assert "statistics saved to" in made.stderr
