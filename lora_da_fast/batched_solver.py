@@ -323,9 +323,7 @@ class _Operator:
         c = self.per_factor
         if c:
             L, Linv = self._factors()
-            if c == 1:
-                return _zinv(None if Linv is not None else L, Linv, X)
-            # the c modules of each factor side by side: [f*c, n, m] -> [f, n, c*m]
+            # the c modules of each factor side by side: [f*c, n, m] -> [f, n, c*m] (views for c = 1)
             s, n, m = X.shape
             Xg = X.reshape(-1, c, n, m).transpose(1, 2).reshape(-1, n, c * m)
             Yg = _zinv(None if Linv is not None else L, Linv, Xg)

@@ -77,12 +77,6 @@ def fingerprint_parts(model, sp, examples: List[Example]) -> Dict[str, str]:
     config_json = mc.to_json_string(use_diff=False).encode() if has_json else b""
     with torch.no_grad():  # a checksum per parameter, computed where it lives (cheap even for 7B)
         sums = [torch.stack([p.double().sum(), (p.double() ** 2).sum()]).cpu() for p in model.parameters()]
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(e.input_ids.numpy().tobytes())
-        h.update(b"|")
-        h.update(e.labels.numpy().tobytes())
-        h.update(b";")
     return {
         "code": _digest(dumps([__version__, FORMAT_VERSION, CHECKPOINT_VERSION])),
         "model": _digest(dumps(type(model).__name__), config_json,
@@ -91,7 +85,7 @@ def fingerprint_parts(model, sp, examples: List[Example]) -> Dict[str, str]:
                                   [[n, list(m.weight.shape), str(m.weight.dtype)] for n, m in sp.targets.items()]])),
         "statistics": _digest(dumps([cfg.token_mask, cfg.output_fisher])),
         "batching": _digest(dumps([cfg.batch_size, cfg.sort_by_length, cfg.backend])),
-        "data": h.hexdigest(),
+        "data": _data_digest(examples),
     }
 
 
@@ -104,15 +98,28 @@ def combine(parts: Dict[str, str]) -> str:
 _PARTS: Dict[str, Dict[str, str]] = {}
 
 
+def _data_digest(examples: List[Example]) -> str:
+    """Digest of every example's tokens and labels, in pass order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(e.input_ids.numpy().tobytes())
+        h.update(b"|")
+        h.update(e.labels.numpy().tobytes())
+        h.update(b";")
+    return h.hexdigest()
+
+
 def fingerprint(model, sp, examples: List[Example]) -> str:
     """Digest of model, targets, configuration, data (every example's tokens and labels, in pass order)
     and code version: a checkpoint resumes only into a pass with the same fingerprint."""
     return fingerprint_with_parts(model, sp, examples)[0]
 
 
-def fingerprint_with_parts(model, sp, examples: List[Example]) -> Tuple[str, Dict[str, str]]:
-    """``(fingerprint, its parts)``."""
-    parts = fingerprint_parts(model, sp, examples)
+def fingerprint_with_parts(model, sp, examples: List[Example], like: Optional[Dict[str, str]] = None
+                           ) -> Tuple[str, Dict[str, str]]:
+    """``(fingerprint, its parts)``; with ``like`` (the parts of the same pass over other examples, e.g.
+    all of them where ``examples`` is a rank's shard) only the data part is computed again."""
+    parts = fingerprint_parts(model, sp, examples) if like is None else dict(like, data=_data_digest(examples))
     fp = combine(parts)
     _PARTS[fp] = parts
     return fp, parts

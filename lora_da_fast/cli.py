@@ -576,7 +576,7 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
             # needs the same number of ranks (the shards are part of the checkpoint's fingerprint).
             exs = shard_examples(sp, full)
             if distributed.is_active():
-                fp, _ = ckpt.fingerprint_with_parts(model, sp, exs)
+                fp, _ = ckpt.fingerprint_with_parts(model, sp, exs, like=parts)
             state.pass_examples = len(exs)
             partial = state.partial = stats_cache + PARTIAL_SUFFIX + (
                 f".rank{distributed.rank()}" if distributed.is_active() else "")
@@ -612,7 +612,7 @@ def run_init(args, state: Optional[_RunState] = None) -> dict:
                 os.remove(partial)
             if distributed.is_main():  # checkpoints of earlier runs with another number of ranks
                 for stale in glob.glob(glob.escape(stats_cache + PARTIAL_SUFFIX) + ".rank*"):
-                    if not stale.endswith(".tmp") and ".tmp-" not in stale:
+                    if ".tmp-" not in stale:
                         with contextlib.suppress(OSError):
                             os.remove(stale)
             if say:

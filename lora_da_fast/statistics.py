@@ -448,14 +448,10 @@ def prepare_examples(sp: "StatisticsPass", examples: Iterable, limit: Optional[i
     in ``sp.skipped``), longest first when ``cfg.sort_by_length`` (batches of similar lengths waste
     little on padding; the statistics do not depend on the order), and, under torch.distributed with
     ``shard``, this rank's shard of them (:func:`shard_examples`)."""
-    from . import distributed
-
     exs = list(sp.usable(examples, limit))
     if sp.cfg.sort_by_length:
         exs.sort(key=len, reverse=True)  # stable: ties keep the user's order
-    if shard and distributed.is_active():
-        exs = shard_examples(sp, exs)
-    return exs
+    return shard_examples(sp, exs) if shard else exs
 
 
 def shard_examples(sp: "StatisticsPass", exs: List[Example]) -> List[Example]:
