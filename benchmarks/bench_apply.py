@@ -10,31 +10,16 @@ iterations run below the hardware's speed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from harness import environment, gpu_name, markdown_table, median_of, write_results
 
 
 def time_product(A: torch.Tensor, X: torch.Tensor, reps: int) -> float:
     """Median seconds of ``A @ X`` over ``reps`` runs (after one warm-up)."""
-    A @ X
-    _sync(A.device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        A @ X
-        _sync(A.device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return median_of(lambda: A @ X, reps, A.device, warmup=1)
 
 
 def main(argv=None) -> int:
@@ -70,18 +55,14 @@ def main(argv=None) -> int:
                 del A
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    lines = ["| n | stack | k | dtype | ms | GB/s of factors | TFLOP/s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['n']} | {r['b']} | {r['k']} | {r['dtype']} | {r['ms']:.3f} | {r['gb_per_s']:.0f} | "
-              f"{r['tflops']:.2f} |" for r in rows]
-    table = "\n".join(lines)
+    table = markdown_table(["n", "stack", "k", "dtype", "ms", "GB/s of factors", "TFLOP/s"],
+                           [[r["n"], r["b"], r["k"], r["dtype"], f"{r['ms']:.3f}", f"{r['gb_per_s']:.0f}",
+                             f"{r['tflops']:.2f}"] for r in rows])
     print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        with open(os.path.join(args.out, "bench_apply.json"), "w") as f:
-            json.dump(dict(device=name, torch=torch.__version__, rows=rows), f, indent=1)
-        with open(os.path.join(args.out, "bench_apply.md"), "w") as f:
-            f.write(table + "\n")
+    write_results(args.out, {
+        "bench_apply.json": dict(device=gpu_name(device) or "cpu", torch=torch.__version__,
+                                 env=environment(device), rows=rows),
+        "bench_apply.md": table})
     return 0
 
 

@@ -29,23 +29,20 @@ slower than the reference's G matmul alone.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import environment, gpu_name, median_of, sync, write_results
 
-from lora_da_fast import ops, reference  # noqa: E402
+from lora_da_fast import ops, reference  # noqa: E402  (after harness: a source tree without install)
 
 TOKENS = 16384
 SIZES = (576, 2048, 4096, 11008)
 SELECTED = 0.9  # fraction of rows the token mask keeps (padding and prompt tokens drop the rest)
 CPU_TOKENS, CPU_SIZE = 1024, 128
 HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,19 +108,13 @@ def time_ms(fn) -> float:
         import triton.testing
 
         fn()  # compile / autotune outside the timing
-        torch.cuda.synchronize()
+        sync(DEVICE)
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_of(fn, 5, warmup=1) * 1e3
 
 
 def run_table(sizes, tokens):
-    device = "cuda" if HAS_CUDA else "cpu"
+    device = DEVICE
     rows = []
     for d in sizes:
         x, dy, mask = make_inputs(tokens, d, d, device)
@@ -155,7 +146,7 @@ def fmt(v, spec):
 
 
 def render(rows, tokens) -> str:
-    dev = torch.cuda.get_device_name() if HAS_CUDA else "CPU (reference only)"
+    dev = gpu_name(DEVICE) or "CPU (reference only)"
     lines = [f"Kernel benchmark: {tokens} tokens ({SELECTED:.0%} selected), bf16, {dev}; "
              f"ms = median; TFLOP/s = 2*N*d_out*d_in / t; vs = baseline time / this time.", "",
              "| kernel | impl | d_in | ms | TFLOP/s | vs torch bf16 matmul | vs reference | err vs ref |",
@@ -200,13 +191,9 @@ def main(argv=None):
     rows = run_table(sizes, tokens)
     text = render(rows, tokens) + f"\n(total {time.time() - t0:.0f} s)\n"
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
-            json.dump({"tokens": tokens, "rows": rows,
-                       "device": torch.cuda.get_device_name() if HAS_CUDA else "cpu"}, f, indent=1)
+    write_results(args.out, {"bench_kernels.md": text,
+                             "bench_kernels.json": {"tokens": tokens, "rows": rows, "device": gpu_name(DEVICE) or "cpu",
+                                                    "env": environment(DEVICE)}})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,23 +209,18 @@ if pytest is not None:
     BENCH_SIZES = SIZES if HAS_CUDA else (CPU_SIZE,)
     BENCH_TOKENS = TOKENS if HAS_CUDA else CPU_TOKENS
 
-    def _sync():
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-
     def _bench(benchmark, fn, rounds):
         fn()  # compile / autotune outside the timing
-        _sync()
+        sync(DEVICE)
 
         def run():
             fn()
-            _sync()
+            sync(DEVICE)
 
         benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
 
     def _cases(op, d):
-        device = "cuda" if HAS_CUDA else "cpu"
-        x, dy, mask = make_inputs(BENCH_TOKENS, d, d, device)
+        x, dy, mask = make_inputs(BENCH_TOKENS, d, d, DEVICE)
         if op == "sym_accumulate":
             return sym_cases(x, mask, HAS_CUDA), "torch bf16 X^T X"
         return grad_cases(dy, x, mask, HAS_CUDA), "torch bf16 dY^T X"

@@ -30,7 +30,6 @@ around a per-layer level going from ``2e-3`` to ``3e-8``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics as pystats
@@ -39,6 +38,8 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from harness import environment, git_state, gpu_name, library_debug_log, sync, timed, write_results
 
 from lora_da_fast import FisherStatistics, LoraDAConfig, ModuleStatistics
 from lora_da_fast.batched_solver import solve_batched
@@ -140,21 +141,6 @@ def rel_errors(got: LoraDAResult, ref: LoraDAResult) -> List[float]:
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device):
-    """``(wall seconds, process CPU seconds, result)``. On a shared CPU machine the wall time depends on
-    the neighbours' load, the CPU time much less: both are reported."""
-    _sync(device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - t0, time.process_time() - c0, out
-
-
 def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Optional[int] = None,
         repeat: int = 2, beta: float = 0.03, phases: bool = False, stats_path: Optional[str] = None,
         extras: Optional[Sequence[int]] = None) -> List[dict]:
@@ -164,7 +150,7 @@ def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Opti
         stats = FisherStatistics.load(stats_path, device=device)
     else:
         stats = synthetic_statistics(shape, layers, device)
-    _sync(device)
+    sync(device)
     print(f"statistics: {len(stats.modules)} modules, {len(stats.Z)} input groups, "
           f"{'loaded' if stats_path else 'built'} in {time.perf_counter() - t0:.1f} s on {device}", flush=True)
     cfg = LoraDAConfig(rank=8, beta=beta, population_size=100_000)
@@ -179,7 +165,8 @@ def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Opti
     small = subset(stats, names)
     frac = len(names) / len(stats.modules)
     rows = []
-    # batched and lobpcg interleaved, best of ``repeat`` each: a shared machine's load drifts
+    # batched and lobpcg interleaved, best of ``repeat`` each (wall and CPU time, each its own minimum;
+    # on a shared CPU machine the CPU time depends much less on the neighbours' load): the load drifts
     # variants of the batched solver (``--extra``: other block sizes), run alongside the default one
     variants = {"batched": {}}
     for e in extras or ():
@@ -190,14 +177,14 @@ def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Opti
     results = {}
     for _ in range(repeat):
         for key, opts in variants.items():
-            w, c, results[key] = _timed(lambda: solve_batched(stats, cfg, **opts), device)
+            w, c, results[key] = timed(lambda: solve_batched(stats, cfg, **opts), device)
             print(f"{key}: {w:.2f} s wall, {c:.2f} s CPU", flush=True)
             best[key] = min(best[key], (w, c))
         res_b = results["batched"]
-        w, c, res_l = _timed(lambda: solve_lobpcg10(small, cfg), device)
+        w, c, res_l = timed(lambda: solve_lobpcg10(small, cfg), device)
         print(f"torch.lobpcg niter=10 ({len(names)} modules): {w:.2f} s wall, {c:.2f} s CPU", flush=True)
         best["lobpcg"] = min(best["lobpcg"], (w, c))
-    w, c, ref = _timed(lambda: solve_reference(small, cfg), device)
+    w, c, ref = timed(lambda: solve_reference(small, cfg), device)
     best["reference"] = (w, c)
     print(f"reference (dense float64, {len(names)} modules): {w:.2f} s wall, {c:.2f} s CPU", flush=True)
     solvers = {}
@@ -218,16 +205,8 @@ def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Opti
         row["cpu_speedup_of_batched"] = row["cpu_seconds"] / rows[0]["cpu_seconds"]
     print(f"batched solver paths: {solvers}")
     if phases:  # one more run with per-phase timings (synchronising: not the timed run)
-        import logging
-        lg = logging.getLogger("lora_da_fast.batched_solver")
-        handler = logging.StreamHandler(sys.stdout)
-        lg.addHandler(handler)
-        lg.setLevel(logging.DEBUG)
-        try:
+        with library_debug_log(sys.stdout):
             solve_batched(stats, cfg)
-        finally:
-            lg.removeHandler(handler)
-            lg.setLevel(logging.NOTSET)
     return rows
 
 
@@ -291,14 +270,11 @@ def main(argv=None) -> int:
     table = format_table(rows, label, args.device)
     print(table)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        dev = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-        meta = dict(shape=None if args.stats else args.shape, stats=args.stats, device=args.device, device_name=dev, threads=torch.get_num_threads(),
-                    torch=torch.__version__, layers=args.layers, beta=args.beta)
-        with open(os.path.join(args.out, "results.json"), "w") as fh:
-            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
-        with open(os.path.join(args.out, "table.md"), "w") as fh:
-            fh.write(table + "\n")
+        meta = dict(shape=None if args.stats else args.shape, stats=args.stats, device=args.device,
+                    device_name=gpu_name(args.device) or "cpu", threads=torch.get_num_threads(),
+                    torch=torch.__version__, layers=args.layers, beta=args.beta, env=environment(args.device),
+                    git=git_state())
+        write_results(args.out, {"results.json": dict(meta=meta, rows=rows), "table.md": table})
     return 0
 
 

@@ -15,7 +15,9 @@ import sys
 
 import torch
 
-from lora_da_fast import LoraDAConfig, collect_statistics
+from harness import random_llama
+
+from lora_da_fast import LoraDAConfig, collect_statistics  # noqa: E402  (after harness: a source tree)
 
 
 def main(argv=None) -> int:
@@ -33,13 +35,10 @@ def main(argv=None) -> int:
     if args.hidden % 64:
         print("--hidden must be a multiple of 64 (head size 64)", file=sys.stderr)
         return 2
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(args.seed)
-    cfg = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.intermediate,
-                      num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-                      vocab_size=args.vocab, max_position_embeddings=max(4096, args.seq_len))
-    model = LlamaForCausalLM(cfg).to(args.device).eval()
+    # built on the CPU, then moved: the same random weights whatever the device
+    model = random_llama(args.hidden, args.layers, args.intermediate, args.hidden // 64, args.hidden // 64,
+                         args.vocab, max(4096, args.seq_len)).to(args.device)
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab, (args.examples, args.seq_len), generator=g)
     stats = collect_statistics(model, [{"input_ids": r} for r in ids], LoraDAConfig(batch_size=8), progress=True)
