@@ -4,9 +4,9 @@ For each ``d`` (``d_out = d_in`` for the gradient), with a token mask selecting 
 
 - ``sym_accumulate``: the Triton kernel (upper triangle of ``Z += X_S^T X_S``, mask inside the kernel);
   ``torch bf16 X^T X``: one cuBLAS bf16 matmul of the same shape (full product, all rows, bf16 output);
-  ``reference``: :func:`lora_da_fast.reference.sym_accumulate` (mask gather + fp32 upcast + fp32 matmul).
+  ``reference``: :func:`lora_da_fast.ops.reference.sym_accumulate` (mask gather + fp32 upcast + fp32 matmul).
 - ``grad_stats``: the fused Triton kernel (``G``, ``y``); ``torch bf16 dY^T X``: one cuBLAS bf16 matmul;
-  ``reference``: :func:`lora_da_fast.reference.grad_stats`; ``reference G matmul``: the reference's fp32
+  ``reference``: :func:`lora_da_fast.ops.reference.grad_stats`; ``reference G matmul``: the reference's fp32
   ``addmm`` alone, on already gathered fp32 inputs.
 
 ``TFLOP/s`` is effective: the FLOP of the full product on all rows (``2 N d_out d_in``) over the time,
@@ -35,7 +35,7 @@ import torch
 
 from harness import environment, gpu_name, median_of, sync, write_results
 
-from lora_da_fast import ops, reference  # noqa: E402  (after harness: a source tree without install)
+from lora_da_fast.ops import reference, triton_ops  # after harness: a source tree without install
 
 TOKENS = 16384
 SIZES = (576, 2048, 4096, 11008)
@@ -63,7 +63,7 @@ def sym_cases(x, mask, with_kernels: bool):
     Zr = torch.zeros_like(Z)
     cases = {"reference": lambda: reference.sym_accumulate(Zr, x, mask)}
     if with_kernels:
-        cases["triton"] = lambda: ops.sym_accumulate(Z, x, mask)
+        cases["triton"] = lambda: triton_ops.sym_accumulate(Z, x, mask)
         cases["torch bf16 X^T X"] = lambda: torch.mm(x.T, x)
     return cases
 
@@ -76,7 +76,7 @@ def grad_cases(dy, x, mask, with_kernels: bool):
     cases = {"reference": lambda: reference.grad_stats(Gr, yr, dy, x, mask, mask)}
     if with_kernels:
         dg, xg = dy[mask].float(), x[mask].float()
-        cases["triton"] = lambda: ops.grad_stats(G, y, dy, x, mask, mask)
+        cases["triton"] = lambda: triton_ops.grad_stats(G, y, dy, x, mask, mask)
         cases["torch bf16 dY^T X"] = lambda: torch.mm(dy.T, x)
         cases["reference G matmul"] = lambda: Gr.addmm_(dg.T, xg)
     return cases
@@ -86,13 +86,13 @@ def check_errors(x, dy, mask):
     """Relative error of one kernel call against the reference (fresh accumulators)."""
     d_in, d_out = x.shape[1], dy.shape[1]
     Z, Zr = (torch.zeros(d_in, d_in, device=x.device) for _ in range(2))
-    ops.sym_accumulate(Z, x, mask)
+    triton_ops.sym_accumulate(Z, x, mask)
     reference.sym_accumulate(Zr, x, mask)
     z_err = float((torch.triu(Z) - torch.triu(Zr)).norm() / torch.triu(Zr).norm())
     del Z, Zr
     G, Gr = (torch.zeros(d_out, d_in, device=x.device) for _ in range(2))
     y, yr = (torch.zeros(d_out, device=x.device) for _ in range(2))
-    ops.grad_stats(G, y, dy, x, mask, mask)
+    triton_ops.grad_stats(G, y, dy, x, mask, mask)
     reference.grad_stats(Gr, yr, dy, x, mask, mask)
     g_err = float((G - Gr).norm() / Gr.norm())
     y_err = float((y - yr).norm() / yr.norm())

@@ -1,7 +1,7 @@
-"""Gradient statistics of one module in one launch: ``G += (w dY)_{grad}^T X_{grad}``,
-``y += sum_{stat} (w dY)^2`` and, for ``sequence_lowrank``, ``seq_sums[seq_id] += (w dY)_{stat}``.
+"""Gradient statistics of one module in one launch: ``G += dY_{grad}^T X_{grad}``,
+``y += sum_{stat} dY^2`` and, for ``sequence_lowrank``, ``seq_sums[seq_id] += dY_{stat}``.
 
-Launcher, autotuning and the reset-between-trials strategy: :func:`lora_da_fast.ops.grad_stats`.
+Launcher, autotuning and the reset-between-trials strategy: :func:`lora_da_fast.ops.triton_ops.grad_stats`.
 
 Work decomposition (grid axis 0; axis 1 splits the tokens as in ``sym_accumulate``):
 - programs ``0 .. n_m - 1`` are *moment* programs: each owns a ``BLOCK_M`` slice of ``d_out`` and streams
@@ -12,9 +12,7 @@ Work decomposition (grid axis 0; axis 1 splits the tokens as in ``sym_accumulate
   tiles for L2 reuse), a plain ``dY^T X`` matmul over the selected rows.
 - With one split every output element has one owner (load/add/store, deterministic); with several,
   partial results are added with fp32 atomics (no ``splits x d_out x d_in`` partial buffer).
-- Masks predicate the row loads (no gathered copy). The per-row weight ``w`` is applied in fp32, as the
-  reference does; for bf16/fp16 inputs the weighted rows are split into ``hi + lo`` in the input dtype
-  so that the tensor cores keep ~16 (bf16) / ~22 (fp16) significant bits of ``w dY`` instead of 8 / 11.
+- Masks predicate the row loads (no gathered copy).
 """
 import triton
 import triton.language as tl
@@ -25,10 +23,9 @@ def _output_moments(
     y_ptr, stride_y,
     seq_ptr, stride_sr, stride_sc,
     dy_ptr, stride_dn, stride_dd,
-    stat_mask_ptr, w_ptr, seq_ids_ptr,
+    stat_mask_ptr, seq_ids_ptr,
     pid_m, k_start, k_end, D_OUT, NUM_SEQS, num_splits,
     HAS_STAT_MASK: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
     HAS_SEQ: tl.constexpr,
     IS_FP32: tl.constexpr,
     SEQ_BLOCK: tl.constexpr,
@@ -52,17 +49,15 @@ def _output_moments(
             selected = tl.load(stat_mask_ptr + rows + BLOCK_K, mask=rows + BLOCK_K < k_end, other=0)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dn + offs_m[None, :] * stride_dd,
                      mask=take[:, None] & col[None, :], other=0.0)
-        # Upcast: squares (and weights) in fp32, as the reference computes them; a 16-bit square
-        # would lose half its bits and the sum would overflow fp16.
+        # Upcast: squares in fp32, as the reference computes them; a 16-bit square would lose half
+        # its bits and the sum would overflow fp16.
         d = dy.to(tl.float32)
-        if HAS_WEIGHT:
-            d = d * tl.load(w_ptr + rows, mask=take, other=0.0)[:, None]
         y_acc += tl.sum(d * d, axis=0)
         if HAS_SEQ:
             ids = tl.load(seq_ids_ptr + rows, mask=take, other=-1)
             onehot = (ids[None, :] == offs_s[:, None]) & take[None, :]
-            if IS_FP32 or HAS_WEIGHT:
-                # fp32 rows (inputs or weighted): exact fp32 products with a 0/1 matrix.
+            if IS_FP32:
+                # fp32 rows: exact fp32 products with a 0/1 matrix.
                 s_acc = tl.dot(onehot.to(tl.float32), d, s_acc, input_precision="ieee")
             else:
                 # 0/1 and 16-bit values: exact products on the tensor cores, fp32 sums.
@@ -86,11 +81,9 @@ def _weight_gradient(
     g_ptr, stride_gr, stride_gc,
     dy_ptr, stride_dn, stride_dd,
     x_ptr, stride_xn, stride_xd,
-    grad_mask_ptr, w_ptr,
+    grad_mask_ptr,
     tile, k_start, k_end, D_OUT, D_IN, num_splits,
     HAS_GRAD_MASK: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    IS_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -127,22 +120,9 @@ def _weight_gradient(
                      mask=take[:, None] & col_m[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_xn + offs_n[None, :] * stride_xd,
                     mask=take[:, None] & col_n[None, :], other=0.0)
-        if HAS_WEIGHT:
-            # Upcast: w * dY is formed in fp32, as in the reference.
-            d = dy.to(tl.float32) * tl.load(w_ptr + rows, mask=take, other=0.0)[:, None]
-            if IS_FP32:
-                acc = tl.dot(tl.trans(d), x, acc, input_precision=INPUT_PRECISION)
-            else:
-                # Rounding w dY back to 16 bits would cost 8 (bf16) / 11 (fp16) bits: keep the
-                # rounding error as a second 16-bit term (exact products, fp32 sums).
-                hi = d.to(dy.dtype)
-                lo = (d - hi.to(tl.float32)).to(dy.dtype)
-                acc = tl.dot(tl.trans(hi), x, acc)
-                acc = tl.dot(tl.trans(lo), x, acc)
-        else:
-            # No upcast: 16-bit products are exact in the fp32 accumulator; fp32 inputs use
-            # INPUT_PRECISION="ieee" unless tf32 was explicitly asked for.
-            acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
+        # No upcast: 16-bit products are exact in the fp32 accumulator; fp32 inputs use
+        # INPUT_PRECISION="ieee" unless tf32 was explicitly asked for.
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
 
     g_ptrs = g_ptr + offs_m[:, None] * stride_gr + offs_n[None, :] * stride_gc
     g_mask = col_m[:, None] & col_n[None, :]
@@ -159,11 +139,10 @@ def _grad_stats_kernel(
     seq_ptr, stride_sr, stride_sc,
     dy_ptr, stride_dn, stride_dd,
     x_ptr, stride_xn, stride_xd,
-    grad_mask_ptr, stat_mask_ptr, w_ptr, seq_ids_ptr,
+    grad_mask_ptr, stat_mask_ptr, seq_ids_ptr,
     N, D_OUT, D_IN, NUM_SEQS,
     HAS_GRAD_MASK: tl.constexpr,
     HAS_STAT_MASK: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
     HAS_SEQ: tl.constexpr,
     IS_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -185,13 +164,13 @@ def _grad_stats_kernel(
     if pid < n_m:
         _output_moments(
             y_ptr, stride_y, seq_ptr, stride_sr, stride_sc, dy_ptr, stride_dn, stride_dd,
-            stat_mask_ptr, w_ptr, seq_ids_ptr, pid, k_start, k_end, D_OUT, NUM_SEQS, num_splits,
-            HAS_STAT_MASK, HAS_WEIGHT, HAS_SEQ, IS_FP32, SEQ_BLOCK, BLOCK_M, BLOCK_K)
+            stat_mask_ptr, seq_ids_ptr, pid, k_start, k_end, D_OUT, NUM_SEQS, num_splits,
+            HAS_STAT_MASK, HAS_SEQ, IS_FP32, SEQ_BLOCK, BLOCK_M, BLOCK_K)
     else:
         _weight_gradient(
             g_ptr, stride_gr, stride_gc, dy_ptr, stride_dn, stride_dd, x_ptr, stride_xn, stride_xd,
-            grad_mask_ptr, w_ptr, pid - n_m, k_start, k_end, D_OUT, D_IN, num_splits,
-            HAS_GRAD_MASK, HAS_WEIGHT, IS_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+            grad_mask_ptr, pid - n_m, k_start, k_end, D_OUT, D_IN, num_splits,
+            HAS_GRAD_MASK, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 def _config(block_m, block_n, block_k, num_warps, num_stages, group_m=8):

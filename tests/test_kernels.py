@@ -1,4 +1,4 @@
-"""Triton kernels (lora_da_fast.ops) against the torch reference and a float64 computation.
+"""Triton kernels (lora_da_fast.ops.triton_ops) against the torch reference and a float64 computation.
 
 Three-way check: each op's error against float64 (computed from the same, already rounded inputs) must
 be within ``kernel_vs_torch_factor`` of the torch reference's own error, plus the fp32 accumulation
@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_da_fast import LoraDAConfig, collect_statistics, ops, reference
+from lora_da_fast import LoraDAConfig, collect_statistics
+from lora_da_fast.ops import reference, triton_ops
 from tests.helpers import random_examples, rel_err, tiny_llama
 from tests.tolerances import TOL
 
@@ -82,7 +83,7 @@ def run_sym(n, d, dtype, mask_p, seed=0, x_view=False):
     reference.sym_accumulate(z_torch, x, mask)
 
     Z, buf = guarded((d, d), z0_poisoned)
-    ops.sym_accumulate(Z, x.to(DEVICE), None if mask is None else mask.to(DEVICE))
+    triton_ops.sym_accumulate(Z, x.to(DEVICE), None if mask is None else mask.to(DEVICE))
     assert_guards(buf)
     upper = torch.triu(torch.nan_to_num(Z.cpu(), nan=1e30))  # triu drops the lower part only
     assert torch.isfinite(torch.triu(Z.cpu()).nan_to_num(posinf=0.0)).all()
@@ -115,11 +116,26 @@ def test_sym_accumulate_strided_input():
     assert_three_way(out, torch_out, exact, "Z strided x")
 
 
+def force_splits(monkeypatch, splits):
+    """Make every launch use ``splits`` token splits; returns the list of the counts handed out (so a
+    test can check the launcher really asked). ``triton_ops`` imported ``num_splits`` by name from
+    ``.launch``: its own binding is the one looked up when the grid is computed."""
+    calls = []
+
+    def fixed(*args, **kwargs):
+        calls.append(splits)
+        return splits
+
+    monkeypatch.setattr(triton_ops, "num_splits", fixed)
+    return calls
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_sym_accumulate_split_paths(monkeypatch, splits):
     """One split (plain read-add-write) and several (atomics) give the same sums."""
-    monkeypatch.setattr(ops, "_num_splits", lambda *a, **k: splits)
+    calls = force_splits(monkeypatch, splits)
     out, torch_out, exact, _ = run_sym(120, 45, torch.float32, 0.8, seed=3)
+    assert calls, "the launcher did not take its split count from triton_ops.num_splits"
     assert_three_way(out, torch_out, exact, f"Z splits={splits}")
 
 
@@ -127,7 +143,7 @@ def test_sym_accumulate_split_paths(monkeypatch, splits):
 # grad_stats
 
 
-def run_grad(n, d_out, d_in, dtype, grad_p, stat_p, weighted, num_seqs, seed=0):
+def run_grad(n, d_out, d_in, dtype, grad_p, stat_p, num_seqs, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d_in, generator=gen).to(dtype)
     dy = torch.randn(n, d_out, generator=gen).to(dtype)
@@ -135,14 +151,13 @@ def run_grad(n, d_out, d_in, dtype, grad_p, stat_p, weighted, num_seqs, seed=0):
     stat_mask = None if stat_p is None else random_mask(n, stat_p, gen, device="cpu")
     if stat_mask is not None and grad_mask is not None:
         stat_mask &= grad_mask
-    w = torch.rand(n, generator=gen) + 0.5 if weighted else None
     ids = torch.randint(0, max(num_seqs, 1), (n,), generator=gen) if num_seqs else None
     g0 = torch.randn(d_out, d_in, generator=gen)
     y0 = torch.rand(d_out, generator=gen)
     s0 = torch.randn(num_seqs, d_out, generator=gen) if num_seqs else None
 
     # float64 from the same inputs
-    d = dy.double() * (1.0 if w is None else w.double()[:, None])
+    d = dy.double()
     gsel = torch.ones(n, dtype=torch.bool) if grad_mask is None else grad_mask
     ssel = gsel if stat_mask is None else stat_mask
     exact = {"G": g0.double() + d[gsel].T @ x.double()[gsel],
@@ -151,13 +166,13 @@ def run_grad(n, d_out, d_in, dtype, grad_p, stat_p, weighted, num_seqs, seed=0):
         exact["s"] = s0.double().index_add(0, ids[ssel], d[ssel])
 
     t = {"G": g0.clone(), "y": y0.clone(), "s": None if s0 is None else s0.clone()}
-    reference.grad_stats(t["G"], t["y"], dy, x, grad_mask, stat_mask, w, t["s"], ids)
+    reference.grad_stats(t["G"], t["y"], dy, x, grad_mask, stat_mask, t["s"], ids)
 
     to = (lambda v: None if v is None else v.to(DEVICE))
     G, gbuf = guarded((d_out, d_in), g0)
     y, ybuf = guarded((d_out,), y0)
     s, sbuf = guarded((num_seqs, d_out), s0) if num_seqs else (None, None)
-    ops.grad_stats(G, y, to(dy), to(x), to(grad_mask), to(stat_mask), to(w), s, to(ids))
+    triton_ops.grad_stats(G, y, to(dy), to(x), to(grad_mask), to(stat_mask), s, to(ids))
     out = {"G": G.cpu(), "y": y.cpu(), "s": None if s is None else s.cpu()}
     for buf in (gbuf, ybuf, sbuf):
         if buf is not None:
@@ -166,21 +181,20 @@ def run_grad(n, d_out, d_in, dtype, grad_p, stat_p, weighted, num_seqs, seed=0):
 
 
 GRAD_CASES = [
-    # (tokens, d_out, d_in, grad mask p, stat mask p, weighted, sequences)
-    (100, 40, 50, 0.8, 0.6, False, 3),
-    (100, 40, 50, 0.8, 0.6, True, 3),
-    (5, 70, 20, 0.6, None, True, 2),       # fewer tokens than a block, stat mask = grad mask
-    (1, 3, 5, None, None, False, 1),       # one token, tiny dims
-    (300, 33, 17, None, 0.5, True, 0),     # no grad mask, no sequence sums, many splits
-    (200, 24, 18, 0.9, 0.9, False, 70),    # more sequences than the kernel holds: torch fallback
+    # (tokens, d_out, d_in, grad mask p, stat mask p, sequences)
+    (100, 40, 50, 0.8, 0.6, 3),
+    (5, 70, 20, 0.6, None, 2),       # fewer tokens than a block, stat mask = grad mask
+    (1, 3, 5, None, None, 1),        # one token, tiny dims
+    (300, 33, 17, None, 0.5, 0),     # no grad mask, no sequence sums, many splits
+    (200, 24, 18, 0.9, 0.9, 70),     # more sequences than the kernel holds: torch fallback
 ]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "n{}-{}x{}-w{}-s{}".format(c[0], c[1], c[2], int(c[5]), c[6]))
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "n{}-{}x{}-s{}".format(c[0], c[1], c[2], c[5]))
 def test_grad_stats_three_way(case, dtype):
-    n, d_out, d_in, gp, sp, weighted, seqs = case
-    out, t, exact, _ = run_grad(n, d_out, d_in, dtype, gp, sp, weighted, seqs)
+    n, d_out, d_in, gp, sp, seqs = case
+    out, t, exact, _ = run_grad(n, d_out, d_in, dtype, gp, sp, seqs)
     for key in ("G", "y", "s"):
         if key in exact:
             assert torch.isfinite(out[key]).all(), f"{key} not fully written"
@@ -188,14 +202,15 @@ def test_grad_stats_three_way(case, dtype):
 
 
 def test_grad_stats_all_masked():
-    out, t, exact, (g0, y0, s0) = run_grad(64, 20, 19, torch.float16, 0.0, 0.0, True, 4)
+    out, t, exact, (g0, y0, s0) = run_grad(64, 20, 19, torch.float16, 0.0, 0.0, 4)
     assert torch.equal(out["G"], g0) and torch.equal(out["y"], y0) and torch.equal(out["s"], s0)
 
 
 @pytest.mark.parametrize("splits", [1, 4])
 def test_grad_stats_split_paths(monkeypatch, splits):
-    monkeypatch.setattr(ops, "_num_splits", lambda *a, **k: splits)
-    out, t, exact, _ = run_grad(150, 36, 40, torch.float32, 0.9, 0.7, True, 5, seed=4)
+    calls = force_splits(monkeypatch, splits)
+    out, t, exact, _ = run_grad(150, 36, 40, torch.float32, 0.9, 0.7, 5, seed=4)
+    assert calls, "the launcher did not take its split count from triton_ops.num_splits"
     for key in ("G", "y", "s"):
         assert_three_way(out[key], t[key], exact[key], f"{key} splits={splits}")
 
@@ -207,7 +222,7 @@ def test_grad_stats_mixed_dtypes_promote():
     dy = torch.randn(30, 18, generator=gen).half()
     G, y = torch.zeros(18, 20, device=DEVICE), torch.zeros(18, device=DEVICE)
     Gt, yt = torch.zeros(18, 20), torch.zeros(18)
-    ops.grad_stats(G, y, dy.to(DEVICE), x.to(DEVICE))
+    triton_ops.grad_stats(G, y, dy.to(DEVICE), x.to(DEVICE))
     reference.grad_stats(Gt, yt, dy, x)
     assert rel_err(G.cpu(), Gt) <= TOL["accumulate_fp32"] and rel_err(y.cpu(), yt) <= TOL["accumulate_fp32"]
 
@@ -219,36 +234,36 @@ def test_grad_stats_mixed_dtypes_promote():
 def test_argument_errors():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="shape"):
-        ops.sym_accumulate(torch.zeros(4, 4), x)
+        triton_ops.sym_accumulate(torch.zeros(4, 4), x)
     with pytest.raises(TypeError, match="float32"):
-        ops.sym_accumulate(torch.zeros(3, 3, dtype=torch.float64), x)
+        triton_ops.sym_accumulate(torch.zeros(3, 3, dtype=torch.float64), x)
     with pytest.raises(TypeError, match="bool"):
-        ops.sym_accumulate(torch.zeros(3, 3), x, torch.ones(4, dtype=torch.long))
+        triton_ops.sym_accumulate(torch.zeros(3, 3), x, torch.ones(4, dtype=torch.long))
     with pytest.raises(ValueError, match="rows"):
-        ops.sym_accumulate(torch.zeros(3, 3), x, torch.ones(5, dtype=torch.bool))
+        triton_ops.sym_accumulate(torch.zeros(3, 3), x, torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="contiguous"):
-        ops.sym_accumulate(torch.zeros(3, 3).T, x)
+        triton_ops.sym_accumulate(torch.zeros(3, 3).T, x)
     with pytest.raises(TypeError, match="bf16"):
-        ops.sym_accumulate(torch.zeros(3, 3), x.long())
+        triton_ops.sym_accumulate(torch.zeros(3, 3), x.long())
     G, y = torch.zeros(2, 3), torch.zeros(2)
     with pytest.raises(ValueError, match="rows"):
-        ops.grad_stats(G, y, torch.randn(5, 2), x)
+        triton_ops.grad_stats(G, y, torch.randn(5, 2), x)
     with pytest.raises(ValueError, match="seq_ids"):
-        ops.grad_stats(G, y, torch.randn(4, 2), x, seq_sums=torch.zeros(2, 2))
+        triton_ops.grad_stats(G, y, torch.randn(4, 2), x, seq_sums=torch.zeros(2, 2))
 
 
 def test_empty_inputs_are_no_ops():
     Z = torch.ones(3, 3)
-    ops.sym_accumulate(Z, torch.zeros(0, 3))
+    triton_ops.sym_accumulate(Z, torch.zeros(0, 3))
     G, y = torch.ones(2, 3), torch.ones(2)
-    ops.grad_stats(G, y, torch.zeros(0, 2), torch.zeros(0, 3))
+    triton_ops.grad_stats(G, y, torch.zeros(0, 2), torch.zeros(0, 3))
     assert torch.equal(Z, torch.ones(3, 3)) and torch.equal(G, torch.ones(2, 3)) and torch.equal(y, torch.ones(2))
 
 
 def test_float64_inputs_take_the_reference_path():
     x = torch.randn(7, 5, dtype=torch.float64)
     Z, Zr = torch.zeros(5, 5), torch.zeros(5, 5)
-    ops.sym_accumulate(Z, x)
+    triton_ops.sym_accumulate(Z, x)
     reference.sym_accumulate(Zr, x)
     assert torch.equal(Z, Zr)
 
@@ -294,11 +309,11 @@ def test_sym_accumulate_gpu(n, d, p, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,weighted,seqs", [
-    (torch.bfloat16, False, 0), (torch.bfloat16, False, 8), (torch.bfloat16, True, 8),
-    (torch.bfloat16, True, 100), (torch.float32, False, 8), (torch.float32, True, 0)], ids=str)
-def test_grad_stats_gpu(dtype, weighted, seqs):
-    out, t, exact, _ = run_grad(3001, 1000, 1536, dtype, 0.9, 0.7, weighted, seqs, seed=8)
+@pytest.mark.parametrize("dtype,seqs", [
+    (torch.bfloat16, 0), (torch.bfloat16, 8), (torch.bfloat16, 100), (torch.float32, 8), (torch.float32, 0)],
+    ids=str)
+def test_grad_stats_gpu(dtype, seqs):
+    out, t, exact, _ = run_grad(3001, 1000, 1536, dtype, 0.9, 0.7, seqs, seed=8)
     for key in ("G", "y", "s"):
         if key in exact:
             assert_three_way(out[key], t[key], exact[key], f"{key} {dtype}")
@@ -312,13 +327,13 @@ def test_autotuning_keeps_earlier_sums(monkeypatch):
     d, d_out = 848, 720  # shapes no other test uses: forces a fresh tuning run
     out, torch_out, exact, _ = run_sym(2048, d, torch.bfloat16, 0.8, seed=9)
     assert_three_way(out, torch_out, exact, "Z while autotuning")
-    out, t, exact, _ = run_grad(2048, d_out, d, torch.bfloat16, 0.8, 0.8, False, 4, seed=9)
+    out, t, exact, _ = run_grad(2048, d_out, d, torch.bfloat16, 0.8, 0.8, 4, seed=9)
     for key in ("G", "y", "s"):
         assert_three_way(out[key], t[key], exact[key], f"{key} while autotuning")
 
 
 @pytest.mark.gpu
 def test_tf32_is_an_explicit_option(monkeypatch):
-    monkeypatch.setattr(ops, "FP32_INPUT_PRECISION", "tf32")
+    monkeypatch.setattr(triton_ops, "FP32_INPUT_PRECISION", "tf32")
     out, _, exact, _ = run_sym(4096, 512, torch.float32, None, seed=10)
     assert rel_err(out, exact) <= TOL["accumulate_tf32"]
