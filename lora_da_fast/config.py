@@ -1,4 +1,4 @@
-"""Configuration of a LoRA-DA initialisation (hyper-parameters of ../docs ALGORITHM.md)."""
+"""Configuration of a LoRA-DA initialisation (the hyper-parameters of docs/algorithm.md)."""
 from __future__ import annotations
 
 import math

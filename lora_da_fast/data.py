@@ -7,8 +7,9 @@ with right padding, so the statistics do not depend on how the user batched or p
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -137,3 +138,21 @@ def iter_batches(examples: Iterable[Example], batch_size: int, pad_token_id: int
             buf = []
     if buf:
         yield collate(buf, pad_token_id)
+
+
+def prepare_examples(examples: Iterable, sort_by_length: bool = True,
+                     limit: Optional[int] = None) -> Tuple[List[Example], int]:
+    """The usable examples of ``examples`` (of its first ``limit`` single examples if given) and the
+    number skipped for having no label token. Longest first with ``sort_by_length`` (batches of
+    similar lengths waste little on padding; the statistics do not depend on the order; the sort is
+    stable, so ties keep the user's order)."""
+    usable: List[Example] = []
+    skipped = 0
+    for e in itertools.islice(iter_examples(examples), limit):
+        if e.num_label_tokens == 0:
+            skipped += 1
+        else:
+            usable.append(e)
+    if sort_by_length:
+        usable.sort(key=len, reverse=True)
+    return usable, skipped

@@ -20,3 +20,7 @@ class TargetError(LoraDAError, ValueError):
 
 class NumericalError(LoraDAError, RuntimeError):
     """Non-finite statistics, a failed factorisation, or statistics that are all zero."""
+
+
+class DistributedError(LoraDAError, RuntimeError):
+    """Another rank failed (or vanished) during a distributed step; its own log has the details."""

@@ -1,100 +1,29 @@
-"""LoRA-DA for Hugging Face PEFT: statistics, solve, and a ``peft.PeftModel`` whose ``lora_A``/``lora_B``
-hold the LoRA-DA factors (ALGORITHM.md, "Per-module solve", step 9).
+"""LoRA-DA for Hugging Face PEFT: a ``peft.PeftModel`` whose ``lora_A``/``lora_B`` hold the LoRA-DA
+factors (docs/algorithm.md, "Solve": the factors in PEFT's layout).
 
 The rank and the adapted modules come from the user's ``peft.LoraConfig``. The modules are resolved
-with PEFT's own matching rules (``check_target_module_exists``, ``"all-linear"`` and the per-model
-defaults when ``target_modules`` is ``None``) and their exact names are given to the statistics pass,
-so statistics, factors and LoRA layers refer to the same modules; after wrapping, the set of LoRA
-layers PEFT created is checked against it.
+with PEFT's own matching rules (:func:`lora_da_fast.targets.lora_target_names`) and their exact names
+are given to the engine, so statistics, factors and LoRA layers refer to the same modules; after
+wrapping, the set of LoRA layers PEFT created is checked against it.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Dict, Iterable, List, Optional
 
 import torch
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .config import LoraDAConfig
+from .engine import run_lora_da
 from .errors import ConfigError, TargetError
-from .solver import LoraDAResult, LoraFactors, solve_lora_da
-from .statistics import FisherStatistics, collect_statistics
-from .targets import find_target_modules, is_linear, linear_shape
+from .fisher import FisherStatistics
+from .results import LoraFactors
+from .targets import check_lora_config, check_rank_fits, lora_target_names
 
 _DEFAULT_TARGETS = LoraDAConfig.__dataclass_fields__["target_modules"].default
-
-
-def _check_lora_config(lora_config) -> None:
-    from peft import LoraConfig
-
-    if not isinstance(lora_config, LoraConfig):
-        raise ConfigError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
-    init = lora_config.init_lora_weights
-    if not (isinstance(init, bool) or init == "gaussian"):
-        # PiSSA, OLoRA, CorDA, LoRA-GA, EVA... are other initialisations (some also mutate the base).
-        raise ConfigError(f"LoraConfig.init_lora_weights={init!r} is another initialisation method; "
-                          "leave it at True for LoRA-DA")
-    if getattr(lora_config, "use_dora", False):
-        raise ConfigError("DoRA (use_dora=True) is not supported: its magnitude vector is computed from the "
-                          "initial LoRA weights, which LoRA-DA replaces")
-    if getattr(lora_config, "rank_pattern", None):
-        raise ConfigError("LoraConfig.rank_pattern is not supported: LoRA-DA uses one rank, LoraConfig.r")
-    if getattr(lora_config, "target_parameters", None):
-        raise ConfigError("LoraConfig.target_parameters is not supported: LoRA-DA adapts Linear/Conv1D modules")
-
-
-def lora_target_names(model: nn.Module, lora_config) -> List[str]:
-    """Full names of the modules PEFT will wrap for ``lora_config`` (in ``named_modules()`` order).
-
-    Follows PEFT: ``target_modules=None`` takes PEFT's default for the model type, ``"all-linear"``
-    every Linear/Conv1D but the output head, a string is a regex (full match), a list matches names
-    or dotted suffixes; ``exclude_modules``, ``layers_to_transform`` and ``modules_to_save`` apply.
-    Raises :class:`TargetError` if nothing matches or a match is not a Linear/Conv1D layer.
-    """
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    _check_lora_config(lora_config)
-    probe = copy.deepcopy(lora_config)
-    tm = probe.target_modules
-    if tm is None:
-        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
-
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in defaults:
-            raise TargetError(f"LoraConfig.target_modules is None and PEFT has no default targets for model "
-                              f"type {model_type!r}: set target_modules (e.g. 'all-linear')")
-        probe.target_modules = set(defaults[model_type])
-    elif isinstance(tm, str) and tm.lower() == "all-linear":
-        # PEFT expands "all-linear" to the set of full names (output head excluded); so do we.
-        probe.target_modules = set(find_target_modules(model, "all-linear"))
-    names = [n for n, _ in model.named_modules() if n and check_target_module_exists(probe, n)]
-    if not names:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_linear(m)})
-        raise TargetError(f"LoraConfig.target_modules={tm!r} matches no module; linear module names in this "
-                          f"model: {', '.join(linear) or '(none)'}")
-    modules = dict(model.named_modules())
-    bad = [n for n in names if not is_linear(modules[n])]
-    if bad:
-        raise TargetError("LoRA-DA adapts nn.Linear and Conv1D layers only; these targets are not: "
-                          f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    return names
-
-
-def check_rank_fits(model: nn.Module, names: List[str], rank: int) -> None:
-    """:class:`TargetError` before any data pass if ``rank > min(d_in, d_out)`` of a target (the solve
-    would refuse it only after the pass). Names the target with the smallest bound."""
-    modules = dict(model.named_modules())
-    bad = []
-    for n in names:
-        d_out, d_in = linear_shape(modules[n])
-        if rank > min(d_in, d_out):
-            bad.append((min(d_in, d_out), n, d_out, d_in))
-    if bad:
-        bound, n, d_out, d_in = min(bad)
-        others = f" and {len(bad) - 1} other target(s)" if len(bad) > 1 else ""
-        raise TargetError(f"rank {rank} is larger than min(d_in, d_out) = {bound} of module {n} ({d_out}x{d_in})"
-                          f"{others}; use a rank <= {bound} or leave such modules out of the targets")
 
 
 def resolve_lora_da_config(lora_config, lora_da_config: Optional[LoraDAConfig], names: List[str]) -> LoraDAConfig:
@@ -122,38 +51,8 @@ def resolve_lora_da_config(lora_config, lora_da_config: Optional[LoraDAConfig], 
     return dataclasses.replace(lora_da_config, target_modules=list(names))
 
 
-def select_statistics(stats: FisherStatistics, names: List[str], model: Optional[nn.Module] = None,
-                      token_mask: Optional[str] = None) -> FisherStatistics:
-    """Restrict ``stats`` to ``names`` (checking that each is there, with the module's shape)."""
-    if not isinstance(stats, FisherStatistics):
-        raise ConfigError(f"stats must be a FisherStatistics, got {type(stats).__name__}")
-    missing = [n for n in names if n not in stats.modules]
-    if missing:
-        raise TargetError(f"the statistics have no entry for {len(missing)} target module(s), e.g. {missing[0]}: "
-                          "they were gathered for other target modules (or another model)")
-    if token_mask is not None and stats.token_mask != token_mask:
-        raise ConfigError(f"the statistics were gathered with token_mask={stats.token_mask!r}, the config asks "
-                          f"for {token_mask!r}")
-    if model is not None:
-        modules = dict(model.named_modules())
-        for n in names:
-            st = stats.modules[n]
-            if (st.d_out, st.d_in) != tuple(linear_shape(modules[n])):
-                raise TargetError(f"statistics of {n} are {st.d_out}x{st.d_in} but the module is "
-                                  f"{tuple(linear_shape(modules[n]))[0]}x{tuple(linear_shape(modules[n]))[1]}")
-    if len(names) == len(stats.modules):
-        return stats
-    mods = {n: stats.modules[n] for n in names}
-    groups = {st.group for st in mods.values()}
-    return FisherStatistics(mods, {g: z for g, z in stats.Z.items() if g in groups}, stats.num_examples,
-                            stats.num_tokens, stats.num_skipped, stats.token_mask, stats.output_fisher,
-                            dict(stats.meta))
-
-
 def lora_layers(peft_model: nn.Module, adapter_name: str = "default") -> Dict[str, nn.Module]:
     """``{name: LoraLayer}`` of ``peft_model`` holding ``adapter_name``, named as in the base model."""
-    from peft.tuners.lora import LoraLayer
-
     root = peft_model.base_model.model if hasattr(peft_model, "base_model") else peft_model
     return {n: m for n, m in root.named_modules()
             if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {})}
@@ -236,16 +135,11 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
 
     (PEFT does not support that conversion with ``use_rslora=True`` combined with ``alpha_pattern``.)
     """
-    from peft import get_peft_model
-
-    _check_lora_config(lora_config)
+    check_lora_config(lora_config)
     names = lora_target_names(model, lora_config)
     cfg = resolve_lora_da_config(lora_config, lora_da_config, names)
     check_rank_fits(model, names, cfg.rank)
-    if stats is None:
-        stats = collect_statistics(model, examples, cfg, progress=progress)
-    stats = select_statistics(stats, names, model, cfg.token_mask)
-    result: LoraDAResult = solve_lora_da(stats, cfg, progress=progress)
+    result = run_lora_da(model, examples, cfg, progress=progress, stats=stats)
     peft_model = get_peft_model(model, lora_config)
     apply_lora_da(peft_model, result, "default", subtract_init=subtract_init)
     return peft_model

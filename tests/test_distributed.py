@@ -20,9 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lora_da_fast import LoraDAConfig, collect_statistics, solve_lora_da
+from lora_da_fast import comm
 from lora_da_fast import distributed as D
-from lora_da_fast.solver import output_inverse
-from lora_da_fast.statistics import FisherStatistics, ModuleStatistics, StatisticsPass, prepare_examples, run_pass
+from lora_da_fast.solve.steps import output_inverse
+from lora_da_fast.data import prepare_examples
+from lora_da_fast.fisher import FisherStatistics, ModuleStatistics
+from lora_da_fast.statistics import StatisticsPass, run_pass
 
 from .helpers import random_examples, rel_err, tiny_llama
 from .tolerances import TOL
@@ -99,7 +102,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    D.BUCKET_BYTES = BUCKET_BYTES
+    comm.BUCKET_BYTES = BUCKET_BYTES
     out: dict = {}
     path = os.path.join(tmp, f"rank{rank}.pt")
     try:
@@ -138,10 +141,11 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
         def guarded():
             with StatisticsPass(model, cfg) as sp:
-                exs = prepare_examples(sp, SCENARIOS["even"][0]())
+                exs, skipped = prepare_examples(SCENARIOS["even"][0]())
                 with D.guard():
-                    run_pass(sp, exs, progress=False)
-            return dict(solve_lora_da(sp.finalize(), cfg))
+                    run_pass(sp, list(D.shard(exs)), progress=False)
+            D.reduce_over_ranks(sp)
+            return dict(solve_lora_da(sp.finalize(skipped), cfg))
 
         out["fail_guard"] = _fake_cli(guarded, fail_dir)
         handle.remove()
@@ -319,14 +323,14 @@ def test_failing_rank_inside_collect_statistics_fails_every_rank(run):
 @pytest.mark.parametrize("d,cap", [(1, 1), (5, 3), (32, 256), (33, 64), (7, 1000)])
 def test_upper_triangle_pieces_round_trip(d, cap):
     Z = torch.randn(d, d)
-    pieces = D._upper_pieces(Z, cap)
+    pieces = comm.upper_pieces(Z, cap)
     packed = torch.cat([p.read() for p in pieces])
     assert packed.numel() == d * (d + 1) // 2 == sum(p.numel for p in pieces)
     assert torch.equal(packed, Z[torch.triu_indices(d, d).unbind()])  # row-major upper triangle
     assert all(p.numel <= max(cap, d) for p in pieces)
     W = torch.full((d, d), 7.0)
     off = 0
-    for p in D._upper_pieces(W, cap):
+    for p in comm.upper_pieces(W, cap):
         p.write(packed[off:off + p.numel])
         off += p.numel
     assert torch.equal(torch.triu(W), torch.triu(Z))
@@ -334,8 +338,8 @@ def test_upper_triangle_pieces_round_trip(d, cap):
 
 
 def test_buckets_respect_the_cap():
-    pieces = D._flat_pieces(torch.zeros(10, 10), 30) + D._flat_pieces(torch.zeros(7), 30)
-    sizes = [sum(p.numel for p in b) for b in D._buckets(pieces, 30)]
+    pieces = comm.flat_pieces(torch.zeros(10, 10), 30) + comm.flat_pieces(torch.zeros(7), 30)
+    sizes = [sum(p.numel for p in b) for b in comm.buckets(pieces, 30)]
     assert sizes == [30, 30, 30, 17] and sum(sizes) == 107
 
 
@@ -456,7 +460,7 @@ def _cpu_stats(st: FisherStatistics) -> dict:
 def _gpu_worker(rank: int, port: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S * 4))
-    D.BUCKET_BYTES = 64 * 1024
+    comm.BUCKET_BYTES = 64 * 1024
     out: dict = {}
     try:
         state = os.path.join(tmp, "model.pt")

@@ -21,7 +21,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from lora_da_fast import ConfigError, LoraDAConfig, TargetError, collect_statistics, solve_lora_da  # noqa: E402
 from lora_da_fast.peft_integration import (  # noqa: E402
-    apply_lora_da, initialize_lora_da, lora_layers, lora_target_names, resolve_lora_da_config)
+    apply_lora_da, initialize_lora_da, lora_layers, resolve_lora_da_config)
+from lora_da_fast.targets import lora_target_names  # noqa: E402
 
 SUBTRACT_RTOL = 1e-5
 VOCAB = 64

@@ -26,7 +26,7 @@ from lora_da_fast import LoraDAConfig, collect_statistics, solve_lora_da  # noqa
 from lora_da_fast import builtins as bi  # noqa: E402
 from lora_da_fast import cli  # noqa: E402
 from lora_da_fast.errors import ConfigError, DataError, NumericalError, TargetError  # noqa: E402
-from lora_da_fast.statistics import FisherStatistics  # noqa: E402
+from lora_da_fast.fisher import FisherStatistics  # noqa: E402
 
 from .helpers import random_examples, tiny_llama  # noqa: E402
 
@@ -278,7 +278,7 @@ def test_api_bad_input_is_refused_before_the_pass():
 
 
 def test_internal_error_exit_1_with_traceback_file(cache, data, tmp_path, capsys, monkeypatch):
-    import lora_da_fast.solver as solver
+    import lora_da_fast.engine as solver
 
     def boom(*a, **k):
         raise RuntimeError("something\nunexpected")
@@ -322,7 +322,7 @@ class _FakePeft:
 
 def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     out = str(tmp_path / "adapter")
-    cli._write_adapter(_FakePeft("old"), {}, out)
+    cli.write_adapter(_FakePeft("old"), {}, out)
     real_rename = os.rename
     calls = []
 
@@ -334,11 +334,11 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
-        cli._write_adapter(_FakePeft("new"), {}, out)
+        cli.write_adapter(_FakePeft("new"), {}, out)
     monkeypatch.setattr(os, "rename", real_rename)
     assert open(os.path.join(out, "adapter_model.safetensors")).read() == "old"
     assert leftovers(tmp_path) == []
-    cli._write_adapter(_FakePeft("new"), {}, out)
+    cli.write_adapter(_FakePeft("new"), {}, out)
     assert open(os.path.join(out, "adapter_model.safetensors")).read() == "new"
     assert leftovers(tmp_path) == []
 
@@ -355,7 +355,7 @@ def test_stale_temporaries_of_a_killed_run_are_cleared(tmp_path):
         (tmp_path / name).write_text("half")
     mine = tmp_path / f"s.st.tmp-{os.getpid()}"  # a live process's file is not touched
     mine.write_text("busy")
-    cli.remove_stale_temporaries(str(out), str(stats))
+    cli.output.remove_stale_temporaries(str(out), str(stats))
     assert (out / "adapter_config.json").exists()  # moved back into place
     assert sorted(os.listdir(tmp_path)) == ["adapter", mine.name]
 
@@ -566,8 +566,8 @@ def test_sigterm_then_resume_and_mismatched_checkpoint(cache, long_data, referen
 
     real_saver = ckpt.saver
 
-    def saver(sp, path, fp, every):
-        save = real_saver(sp, path, fp, every)
+    def saver(sp, path, parts, every, *where):
+        save = real_saver(sp, path, parts, every, *where)
 
         def on_batch(done):
             save(done)
@@ -587,7 +587,7 @@ def test_sigterm_then_resume_and_mismatched_checkpoint(cache, long_data, referen
     keep_partial = tmp_path / "kept.partial"
     shutil.copy(partial, keep_partial)
     rc, _, err = run(long_args(long_data, out, "--stats-cache", stats, "--quiet", "--batch-size", "4"), capsys)
-    assert_user_error(rc, err, "differs in: batching (batch size, sort order, backend)")
+    assert_user_error(rc, err, "differs in: batching (batch size, sort order, backend, layers per pass)")
     assert "rerun with the same settings to resume, or delete it" in err and open(partial, "rb").read() == keep
     _resume(long_data, stats, out, capsys)
     assert adapter_bytes(out) == reference
@@ -609,9 +609,9 @@ def test_failed_save_of_the_statistics_keeps_the_checkpoint(cache, long_data, re
                                                             monkeypatch):
     """The checkpoint is removed only after FILE is written: a failure in between loses nothing."""
     def full_disk(stats, path):
-        raise ConfigError(f"--stats-cache {path}: cannot write it (No space left on device)")
+        raise ConfigError(f"cannot write the statistics file {path} (No space left on device)")
 
-    monkeypatch.setattr(cli, "_save_stats_atomic", full_disk)
+    monkeypatch.setattr(FisherStatistics, "save", full_disk)
     stats, out = tmp_path / "s.st", tmp_path / "adapter"
     rc, _, err = run(long_args(long_data, out, "--stats-cache", stats, "--checkpoint-every", "4", "--quiet"), capsys)
     assert_user_error(rc, err, "No space left on device")

@@ -5,7 +5,7 @@ import torch
 
 from lora_da_fast import FisherStatistics, LoraDAConfig, ModuleStatistics, collect_statistics, solve_lora_da
 from lora_da_fast.errors import ConfigError, NumericalError, TargetError
-from lora_da_fast.solver import solve_reference
+from lora_da_fast.solve import solve_reference
 
 from .helpers import brute_force_statistics, random_examples, rel_err, tiny_llama
 from .tolerances import TOL

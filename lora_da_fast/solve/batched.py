@@ -1,6 +1,6 @@
 """Batched LoRA-DA solver: every module's subspace computed in stacks of same-shape problems.
 
-Same result as :func:`lora_da_fast.solver.solve_reference` (ALGORITHM.md, "Per-module solve") up to the
+Same result as :func:`lora_da_fast.solve.reference.solve_reference` (docs/algorithm.md, "Solve") up to the
 accuracy contract, much faster. The work is organised as follows:
 
 1. **Stream.** Input groups are taken in chunks whose working memory stays under ``max_batch_bytes``;
@@ -26,7 +26,7 @@ accuracy contract, much faster. The work is organised as follows:
    (``M' = -alpha D D^T``: the truncated SVD of ``D``); otherwise a second LOBPCG on ``-D D^T`` started
    from ``M'``'s Ritz vectors (nearly invariant already) converges in a few iterations.
 6. **Factors.** ``A0`` = canonical signs of the ``r`` Ritz vectors, ``B0^T = D^T A0 / sigma`` (``r``
-   columns through ``Zd^{-1}``), PEFT layout as :func:`lora_da_fast.solver.to_factors`.
+   columns through ``Zd^{-1}``), PEFT layout as :func:`lora_da_fast.solve.steps.to_factors`.
 
 Small problems (``d_in`` at most ``dense_below``) are solved densely, in stacks, in float64.
 
@@ -47,16 +47,19 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
-from .config import LoraDAConfig
-from .errors import ConfigError, NumericalError
-from .solver import LoraDAResult, LoraFactors, ModuleReport, canonical_signs, output_damping, output_inverse
-from .statistics import FisherStatistics
+from ..config import LoraDAConfig
+from ..errors import ConfigError, NumericalError
+from ..fisher import FisherStatistics
+from ..results import LoraDAResult, LoraFactors, ModuleReport
+from .steps import canonical_signs, output_damping, output_inverse
 
 __all__ = ["BatchedOptions", "solve_batched"]
 
@@ -207,7 +210,7 @@ def cholesky_stack(Z: torch.Tensor, damping: float, max_damping: float, names: S
                    ) -> Tuple[torch.Tensor, List[float]]:
     """Cholesky factors of ``Z_i + lam_i I`` for a stack ``Z`` (``[g, d, d]``, already symmetrised,
     overwritten); items whose factorisation fails (or is not finite) are retried with ``lam_i`` raised
-    tenfold, as :func:`lora_da_fast.solver.cholesky_with_retry` does for one matrix."""
+    tenfold, as :func:`lora_da_fast.solve.steps.cholesky_with_retry` does for one matrix."""
     lams = [float(damping)] * Z.shape[0]
     diag = Z.diagonal(dim1=-2, dim2=-1)
     diag.add_(damping)
@@ -743,8 +746,6 @@ def solve_batched(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = F
                   options: Optional[BatchedOptions] = None, **kwargs) -> LoraDAResult:
     """LoRA-DA factors of every module of ``stats`` (same result as ``solve_reference`` to the accuracy
     contract), solved in stacks. ``options`` or keyword arguments: see :class:`BatchedOptions`."""
-    from tqdm.auto import tqdm
-
     opt = options if options is not None else BatchedOptions(**kwargs)
     if options is not None and kwargs:
         opt = replace(options, **kwargs)
@@ -787,8 +788,6 @@ def solve_batched(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = F
             for i in range(len(chunks)):
                 bar.update(solve(i))
         else:
-            from concurrent.futures import ThreadPoolExecutor, as_completed
-
             pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-da-solve")
             try:
                 for fut in as_completed([pool.submit(solve, i) for i in range(len(chunks))]):

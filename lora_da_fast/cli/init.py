@@ -1,0 +1,228 @@
+"""``lora-da-fast init``: load a model and calibration data, run the engine, write a PEFT adapter."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import random
+import sys
+import warnings
+from typing import List, Optional
+
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from .. import comm
+from ..builtins import check_model_folder, load_model, load_records, records_to_examples
+from ..config import LoraDAConfig
+from ..data import IGNORE_INDEX
+from ..engine import fingerprint, run_lora_da, select_statistics
+from ..errors import ConfigError, DataError, LoraDAError, TargetError
+from ..fileio import write_json_atomic
+from ..peft_integration import apply_lora_da, resolve_lora_da_config
+from ..targets import check_rank_fits, lora_target_names, parse_target_modules
+from ..version import __version__
+from .args import PROG
+from .output import REPORT_FILE, check_out, remove_stale_temporaries, write_adapter
+from .report import Clock, peak_memory, scaling
+from .stats_cache import CACHE_PARTS, PARTIAL_SUFFIX, check_stats_cache, load_stats_cache
+
+
+class RunState:
+    """What ``main`` needs to explain a failure of :func:`run_init` (filled in as the run goes)."""
+
+    def __init__(self):
+        self.clock: Optional[Clock] = None
+        self.status: dict = {}  # the engine's: "checkpoint" (this rank's file), "examples" (this rank's)
+        self.data_lines: Optional[List[int]] = None  # --data line of each calibration example
+
+
+def subsample_indices(total: int, n: int, seed: int = 0) -> List[int]:
+    """Indices of a fixed random subset of ``n`` of ``total`` items, in order (all if ``n >= total``)."""
+    if n >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), n))
+
+
+def where(indices: List[int], lines: Optional[List[int]]) -> str:
+    """Where calibration examples come from: ``--data`` lines when known."""
+    shown = indices[:5]
+    more = " ..." if len(indices) > 5 else ""
+    if lines is not None:
+        return "--data line " + ", ".join(str(lines[i]) for i in shown) + more
+    return "calibration example " + ", ".join(map(str, shown)) + more
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _check_out_everywhere(out: str, overwrite: bool) -> None:
+    """Rank 0 checks ``--out``; every rank gets the verdict."""
+    problem = None
+    if comm.is_main():
+        try:
+            check_out(out, overwrite)
+        except LoraDAError as exc:
+            problem = str(exc)
+    problem = comm.broadcast_from_main(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _lora_da_config(args, population) -> LoraDAConfig:
+    try:
+        return LoraDAConfig(rank=args.rank, population_size=population, beta=args.beta, gamma=args.gamma,
+                            damping=args.damping, max_damping=args.max_damping, seed=args.seed,
+                            token_mask=args.token_mask, batch_size=args.batch_size,
+                            layers_per_pass=args.layers_per_pass)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid LoRA-DA settings: {exc}") from None
+
+
+def run_init(args, state: Optional[RunState] = None) -> dict:
+    """The ``init`` command; returns the report (also written to ``DIR/lora_da_report.json``)."""
+    state = state if state is not None else RunState()
+    clock = state.clock = Clock()
+    show = not args.quiet and comm.is_main()  # under torchrun, rank 0 alone talks and writes
+    if args.quiet:
+        _quiet_libraries()
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if show else None
+
+    # Everything cheap is checked before loading data or a model.
+    out = os.path.abspath(args.out)
+    _check_out_everywhere(out, args.overwrite)
+    targets = parse_target_modules(args.target_modules)
+    if args.max_length < 2:
+        raise ConfigError("--max-length must be at least 2 (one token has no next-token target)")
+    stats_cache = os.path.abspath(args.stats_cache) if args.stats_cache else None
+    if stats_cache:
+        check_stats_cache(stats_cache)
+    if comm.is_main():
+        remove_stale_temporaries(out, stats_cache)
+    _lora_da_config(args, args.population_size)
+    check_model_folder(args.model)
+
+    with clock.phase("load_data"):
+        records, lines = load_records(args.data)
+        keep = subsample_indices(len(records), args.num_samples)
+        chosen = [records[i] for i in keep]
+        state.data_lines = [lines[i] for i in keep] if lines is not None else None
+    cfg = _lora_da_config(args, args.population_size or len(records))
+    try:
+        lora_config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
+                                 target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid LoRA settings: {exc}") from None
+
+    with clock.phase("load_model"):
+        if say:
+            say(f"loading {args.model} ...")
+        model, tokenizer, model_folder = load_model(args.model, args.dtype, args.device, log=say,
+                                                    device_map=args.device_map)
+    device = next(model.parameters()).device
+    try:
+        names = lora_target_names(model, lora_config)
+    except TargetError as exc:
+        text = str(exc)
+        if "matches no module" in text and "name(s)" not in text:  # PEFT's names are not what the user typed
+            text = f"--target-modules {args.target_modules!r} matches no module; " + text.split("; ", 1)[-1]
+        raise TargetError(text) from None
+    check_rank_fits(model, names, args.rank)
+    cfg = resolve_lora_da_config(lora_config, cfg, names)
+
+    with clock.phase("tokenize"):
+        examples = records_to_examples(tokenizer, tqdm(chosen, desc="tokenize", unit="ex", disable=not show,
+                                                       dynamic_ncols=True), args.max_length)
+    empty = [i for i, e in enumerate(examples) if not bool((e["labels"][1:] != IGNORE_INDEX).any())]
+    if len(empty) == len(examples):
+        raise DataError(f"none of the {len(examples)} calibration examples has a label token (empty texts, or "
+                        f"prompts that fill --max-length {args.max_length}): nothing to gather statistics from")
+    if empty and say:
+        say(f"{len(empty)} of {len(examples)} examples have no label token (empty, or the prompt fills "
+            f"--max-length): skipped ({where(empty, state.data_lines)})")
+
+    stats, verified, run_kw = None, None, {}
+    if stats_cache:
+        with clock.phase("fingerprint"):  # checksums of the weights and the data: once, for both uses
+            parts = fingerprint(model, examples, cfg)
+        want = {k: parts[k] for k in CACHE_PARTS}
+        # rank 0 decides (every rank must take the same branch); each rank then reads the file itself
+        if comm.broadcast_from_main(os.path.isfile(stats_cache)):
+            with clock.phase("load_statistics"), comm.step("loading --stats-cache"):
+                if not os.path.isfile(stats_cache):
+                    raise ConfigError(f"--stats-cache {stats_cache}: rank 0 sees this file, rank "
+                                      f"{comm.rank()} does not (the ranks need a shared filesystem)")
+                stats, verified = load_stats_cache(stats_cache, want, say)
+                try:
+                    stats = select_statistics(stats, names, model, cfg.token_mask)
+                except (TargetError, ConfigError) as exc:
+                    raise type(exc)(f"--stats-cache {stats_cache}: {exc}; delete it or give another file") from None
+            if say:
+                say(f"statistics loaded from {stats_cache}")
+        else:
+            meta = {"fingerprint": {"parts": want},
+                    "cli": {"model": args.model, "data": args.data, "num_samples": args.num_samples,
+                            "max_length": args.max_length, "token_mask": args.token_mask, "dtype": args.dtype}}
+            run_kw = dict(checkpoint=stats_cache + PARTIAL_SUFFIX, checkpoint_every=args.checkpoint_every,
+                          fingerprint=parts, statistics_file=stats_cache, statistics_meta=meta)
+
+    clock.current = "the statistics pass and the solve"
+    result = run_lora_da(model, examples, cfg, progress=show, log=say, stats=stats, status=state.status, **run_kw)
+    info = result.info
+    for phase in ("fingerprint", "statistics", "solve"):
+        if info.get(f"{phase}_s"):
+            clock.wall[phase] = clock.wall.get(phase, 0.0) + info[f"{phase}_s"]
+    if run_kw and comm.is_main():
+        if say:
+            say(f"statistics saved to {stats_cache}")
+        for other in glob.glob(glob.escape(stats_cache + PARTIAL_SUFFIX) + ".rank*"):  # other rank counts
+            if ".tmp-" not in other:
+                with contextlib.suppress(OSError):
+                    os.remove(other)
+    if not comm.is_main():
+        return {}  # rank 0 alone builds and writes the adapter
+
+    with clock.phase("adapter"):
+        peft_model = get_peft_model(model, lora_config)
+        apply_lora_da(peft_model, result)
+    report = {
+        "lora_da_fast_version": __version__,
+        "command": [PROG] + list(getattr(args, "argv", []) or []),
+        "model": args.model,
+        "model_folder": model_folder,
+        "model_class": type(model).__name__,
+        "data": args.data,
+        "num_records": len(records),
+        "num_samples": len(chosen),
+        "num_examples": info["examples"],
+        "num_skipped": info["skipped"],
+        "num_tokens": info["tokens"],
+        "max_length": args.max_length,
+        "statistics_cache": {"path": stats_cache, "loaded": stats is not None, "fingerprint_checked": verified,
+                             "resumed_from_examples": info.get("resumed_from_examples", 0),
+                             "checkpoint_every": args.checkpoint_every} if stats_cache else None,
+        "lora_config": {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "use_rslora": lora_config.use_rslora,
+                        "target_modules": targets, "scaling": scaling(lora_config)},
+        "lora_da_config": cfg.to_dict(),
+        "plan": info.get("plan"),
+        "device": str(device),
+        "world_size": comm.world_size(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "adapter": out,
+        "timings_s": clock.wall,
+        "cpu_time_s": clock.cpu,
+        "peak_memory": peak_memory(device),
+        "wall_time_s": clock.total(),
+        "modules": {name: dict(rep.to_dict(), rank=cfg.rank) for name, rep in result.reports.items()},
+    }
+    with clock.phase("save"):
+        write_adapter(peft_model, report, out)
+    # The save is timed after the rename: rewrite the report (atomically) with it.
+    report["wall_time_s"] = clock.total()
+    write_json_atomic(os.path.join(out, REPORT_FILE), report)
+    return report
+

@@ -1,0 +1,38 @@
+"""The solve of every module of a set of statistics on this process (docs/algorithm.md, "Solve"):
+checks, then the batched solver (default) or the dense float64 reference."""
+from __future__ import annotations
+
+from ..config import LoraDAConfig
+from ..errors import ConfigError
+from ..fisher import FisherStatistics, check_finite
+from ..results import LoraDAResult
+from .batched import solve_batched
+from .reference import solve_reference
+from .steps import check_nonzero, check_rank
+
+
+def check_solvable(stats: FisherStatistics, cfg: LoraDAConfig) -> None:
+    """:class:`ConfigError`/:class:`NumericalError`/:class:`TargetError` when ``stats`` cannot be solved
+    with ``cfg`` (settings, ranks, non-finite or all-zero statistics)."""
+    if not isinstance(cfg, LoraDAConfig):
+        raise ConfigError("cfg must be a LoraDAConfig")
+    if not isinstance(stats, FisherStatistics):
+        raise ConfigError(f"stats must be a FisherStatistics, got {type(stats).__name__}")
+    if cfg.beta > 0 and cfg.population_size is None:
+        raise ConfigError("population_size is required when beta > 0: give the number of examples of the "
+                          "fine-tuning set (it scales the variance term)")
+    if cfg.output_fisher != stats.output_fisher:
+        raise ConfigError(f"the statistics were gathered for output_fisher={stats.output_fisher!r}, "
+                          f"the config asks for {cfg.output_fisher!r}")
+    check_rank(stats, cfg.rank)
+    check_finite(stats)
+    check_nonzero(stats)
+
+
+def solve_local(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = False) -> LoraDAResult:
+    """Solve every module of ``stats`` here: ``{module_name: LoraFactors(lora_A, lora_B)}`` (+ ``.reports``).
+    ``cfg.solver``: ``"reference"`` (dense float64 per module), ``"batched"`` or ``"auto"`` (batched)."""
+    check_solvable(stats, cfg)
+    if cfg.solver == "reference":
+        return solve_reference(stats, cfg, progress=progress)
+    return solve_batched(stats, cfg, progress=progress)

@@ -1,0 +1,224 @@
+"""The statistics pass: one forward+backward over the calibration set gathers, for every target module,
+the mean per-example gradient ``G``, the input factor ``Z`` (once per group of modules that receive the
+same input tensor), the diagonal output moment ``y`` and, for ``sequence_lowrank``, the per-example
+summed output gradients (docs/algorithm.md, "Statistics").
+
+How per-example semantics are kept whatever the batch: the loss back-propagated is ``sum_i L_i`` where
+``L_i`` is example ``i``'s own mean token cross-entropy, so every ``delta_t = dL_i/dy_t`` is exactly what
+a batch of one would give. Examples are re-batched with right padding (position ids unchanged) and
+padding rows are masked out of every statistic.
+
+The base weights never get a ``.grad``: every parameter is frozen during the pass, gradients flow from
+the inputs of the target modules (made to require grad by a pre-hook, so the backward pass stops at the
+earliest target), and ``G`` is accumulated in the hooks as ``delta^T x``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import LoraDAConfig
+from ..data import IGNORE_INDEX, Batch, Example, iter_batches
+from ..errors import ConfigError, DataError, NumericalError
+from ..fisher import FisherStatistics, ModuleStatistics, check_finite
+from ..ops.reference import symmetrize_upper
+from ..targets import find_target_modules
+from .hooks import Accumulators, input_embeddings, input_group_probe, start_graph
+
+
+def per_example_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``sum_i L_i``, ``L_i`` = mean next-token cross-entropy over example ``i``'s label tokens (fp32)."""
+    shift_logits = logits[:, :-1].float()  # upcast: the loss and its gradient in fp32, as HF does
+    shift_labels = labels[:, 1:]
+    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return (ce.sum(dim=1) / counts).sum()
+
+
+def _examples(batch: Batch) -> str:
+    idx = [i for i in batch.indices if i >= 0]
+    return ", ".join(map(str, idx)) if idx else "(unknown)"
+
+
+class StatisticsPass:
+    """One statistics pass: hooks on the target modules, fp32 accumulators and counters.
+
+    Use as a context manager; inside it, feed batches to :meth:`step`; after it, :meth:`finalize`.
+    On entry the model is put in eval mode with every parameter frozen, and the input groups are
+    detected; on exit the hooks are removed and ``requires_grad`` flags and modes restored exactly.
+    ``targets`` (``{name: module}``) restricts the pass to a subset of the target modules (used to
+    stream a large model through several passes).
+
+    The accumulators (sums, not means, :class:`~.hooks.Accumulators`) and the counters ``n``
+    (examples) and ``T`` (selected tokens) are plain tensors and ints: :meth:`state_dict` and
+    :meth:`load_state_dict` checkpoint them, and :func:`~.reduce.reduce_over_ranks` adds them up over
+    the ranks of a process group before :meth:`finalize`.
+    """
+
+    def __init__(self, model: nn.Module, cfg: LoraDAConfig, targets: Optional[Dict[str, nn.Module]] = None):
+        if not isinstance(cfg, LoraDAConfig):
+            raise ConfigError("cfg must be a LoraDAConfig")
+        self.model, self.cfg = model, cfg
+        self.targets = targets if targets is not None else find_target_modules(model, cfg.target_modules)
+        self.emb = input_embeddings(model)
+        self.device = self.emb.weight.device
+        self.pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+        self.n = self.T = 0
+        self.acc: Optional[Accumulators] = None
+        self._handles: list = []
+        self._saved = None
+
+    def __enter__(self) -> "StatisticsPass":
+        model = self.model
+        self._saved = ({p: p.requires_grad for p in model.parameters()}, {m: m.training for m in model.modules()})
+        try:
+            model.eval()  # dropout off: statistics at W0, independent of random masks
+            # ...but layers with gradient checkpointing enabled (transformers checks `self.training`)
+            # keep it: their own flag alone is set, so dropout in their children stays off.
+            for m in model.modules():
+                if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func"):
+                    m.training = True
+            for p in model.parameters():
+                p.requires_grad_(False)
+            leaders = input_group_probe(model, self.targets, self.device)
+            self.acc = Accumulators(self.targets, leaders, self.cfg)
+            self._handles = [m.register_forward_hook(self.acc.forward_hook(name)) for name, m in self.targets.items()]
+            # Gradients start at the inputs of the target modules: no parameter needs (or gets) a .grad,
+            # and the backward pass stops at the earliest target instead of running down to the embeddings.
+            self._handles += [m.register_forward_pre_hook(start_graph) for m in self.targets.values()]
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._saved is not None:
+            flags, modes = self._saved
+            for p, f in flags.items():
+                p.requires_grad_(f)
+            for m, t in modes.items():
+                m.training = t
+            self._saved = None
+
+    def step(self, batch: Batch) -> None:
+        """Forward and backward of one batch; the hooks accumulate every statistic."""
+        acc = self.acc
+        acc.set_batch(batch, self.cfg.token_mask, self.device)
+        with torch.enable_grad():
+            out = self.model(input_ids=batch.input_ids.to(self.device),
+                             attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            loss = per_example_loss_sum(logits, batch.labels.to(logits.device))
+            if not torch.isfinite(loss):
+                del out, logits, loss
+                raise NumericalError(f"non-finite values first appear in the output of module "
+                                     f"{self._first_non_finite(batch)} on examples {_examples(batch)} "
+                                     "(overflow in the model's dtype? try --dtype float32)")
+            loss.backward()
+        self._check_finite(batch)
+        self.n += batch.batch_size
+        self.T += int(acc.masks[1].sum())
+
+    def _first_non_finite(self, batch: Batch) -> str:
+        """Rerun the batch's forward (no grad) to find the first module whose output is non-finite."""
+        first: List[str] = []
+
+        def hook(name):
+            def fn(module, inputs, output):
+                if not first and isinstance(output, torch.Tensor) and output.is_floating_point() \
+                        and not bool(torch.isfinite(output).all()):
+                    first.append(name or type(module).__name__)
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()]
+        try:
+            with torch.no_grad():
+                self.model(input_ids=batch.input_ids.to(self.device),
+                           attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return first[0] if first else "(none found: the loss itself overflowed)"
+
+    def _check_finite(self, batch: Batch) -> None:
+        """One cheap test per batch: a non-finite input makes the diagonal of its ``Z`` non-finite and a
+        non-finite output gradient makes its ``y`` non-finite, for good. Named by module and example."""
+        acc = self.acc
+        per_device: Dict[torch.device, List[torch.Tensor]] = {}
+        for t in list(acc.y.values()) + [z.diagonal() for z in acc.Z.values()]:
+            per_device.setdefault(t.device, []).append(t)
+        if all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in per_device.values()):
+            return
+        for name, z in acc.Z.items():
+            if not bool(torch.isfinite(z.diagonal()).all()):
+                raise NumericalError(f"non-finite input activations of module {name} on examples "
+                                     f"{_examples(batch)} (overflow in the model's dtype? try --dtype float32)")
+        # a non-finite gradient spreads to every module before it: the last one (module order) is the origin
+        for name, y in reversed(list(acc.y.items())):
+            if not bool(torch.isfinite(y).all()):
+                raise NumericalError(f"non-finite output gradients of module {name} on examples "
+                                     f"{_examples(batch)} (overflow in the model's dtype? try --dtype float32)")
+
+    def state_dict(self) -> Dict[str, object]:
+        acc = self.acc
+        return {"n": self.n, "T": self.T, "G": acc.G, "y": acc.y, "Z": acc.Z,
+                "seq": {k: (torch.cat(v) if v else None) for k, v in acc.seq.items()}}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        acc = self.acc
+        self.n, self.T = int(state["n"]), int(state["T"])
+        for key in ("G", "y", "Z"):
+            mine = getattr(acc, key)
+            if set(mine) != set(state[key]):
+                raise DataError(f"checkpoint does not match this model's target modules ({key})")
+            for name, t in state[key].items():
+                mine[name].copy_(t)
+        for name, t in state["seq"].items():
+            acc.seq[name] = [] if t is None else [t.to(acc.G[name].device)]
+
+    def finalize(self, skipped: int = 0) -> FisherStatistics:
+        """Means from the sums (reduce them over the ranks first under torch.distributed); ``skipped``:
+        the examples left out for having no label token, recorded in the statistics."""
+        if self.n == 0:
+            raise DataError("no usable calibration example (every example is empty or has no label token)"
+                            if skipped else "no calibration examples were given")
+        if self.T == 0:
+            raise DataError("the token mask selects no token in the whole calibration set")
+        acc = self.acc
+        Z = {g: symmetrize_upper(z).div_(self.T) for g, z in acc.Z.items()}
+        modules = {}
+        for name in acc.G:
+            seq = torch.cat(acc.seq[name]) if acc.seq[name] else None
+            modules[name] = ModuleStatistics(acc.leaders[name], acc.G[name].div_(self.n), acc.y[name].div_(self.T), seq)
+        stats = FisherStatistics(modules, Z, self.n, self.T, skipped, self.cfg.token_mask, self.cfg.output_fisher,
+                                 meta={"model_class": type(self.model).__name__})
+        check_finite(stats)
+        return stats
+
+
+def run_pass(sp: "StatisticsPass", examples: List[Example], progress: bool = True, desc: str = "statistics",
+             done: int = 0, on_batch: Optional[Callable[[int], None]] = None) -> None:
+    """Feed ``examples[done:]`` to ``sp`` in batches of ``cfg.batch_size``, with a progress bar
+    (tokens/s); ``on_batch(examples_done)`` is called after each batch (checkpoints)."""
+    bar = tqdm(total=len(examples), initial=done, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    start, t0 = time.perf_counter(), sp.T
+    try:
+        for batch in iter_batches(examples[done:], sp.cfg.batch_size, sp.pad_id):
+            sp.step(batch)
+            done += batch.batch_size
+            bar.update(batch.batch_size)
+            rate = (sp.T - t0) / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(tok_per_s=f"{rate:.0f}", refresh=False)
+            if on_batch is not None:
+                on_batch(done)
+    finally:
+        bar.close()

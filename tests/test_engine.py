@@ -1,0 +1,122 @@
+"""The engine: streaming a model through several statistics passes gives the same factors as one pass,
+in every entry point (``run_lora_da``, ``collect_statistics``, ``initialize_lora_da``); checkpoints of a
+streamed run resume bit-identically."""
+import os
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from lora_da_fast import LoraDAConfig, collect_statistics, initialize_lora_da, solve_lora_da
+from lora_da_fast import checkpoint as ckpt
+from lora_da_fast.engine import run_lora_da
+from lora_da_fast.peft_integration import lora_layers
+from lora_da_fast.plan import layer_of, plan_slices
+from lora_da_fast.targets import find_target_modules
+
+from .helpers import random_examples, rel_err, tiny_gpt2, tiny_llama
+from .tolerances import TOL
+
+
+def _product(f):
+    return f.lora_B.double() @ f.lora_A.double()
+
+
+def test_layer_of():
+    assert layer_of("model.layers.3.mlp.up_proj") == "model.layers.3"
+    assert layer_of("transformer.h.11.attn.c_attn") == "transformer.h.11"
+    assert layer_of("score") == ""
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_layers_per_pass_equals_one_pass(make):
+    model = make()
+    ex = random_examples(6, seed=3)
+    one = LoraDAConfig(rank=2, population_size=100, batch_size=4, backend="torch")
+    ref = solve_lora_da(collect_statistics(model, ex, one, progress=False), one)
+    for lpp in (None, 1):
+        cfg = LoraDAConfig(rank=2, population_size=100, batch_size=4, backend="torch", layers_per_pass=lpp)
+        res = run_lora_da(model, ex, cfg, progress=False)
+        assert list(res) == list(ref)
+        assert res.info["plan"]["passes"] == (1 if lpp is None else 2)
+        assert res.info["examples"] == 6
+        for name in ref:
+            assert rel_err(_product(res[name]), _product(ref[name])) < TOL["solver_contract"], name
+
+
+def test_collect_statistics_streams_with_layers_per_pass():
+    """``collect_statistics`` honours ``layers_per_pass``: the statistics of two slices, merged, are the
+    one-pass statistics (bit for bit: every sum is the same sum in the same order)."""
+    model = tiny_llama()
+    ex = random_examples(6, seed=4)
+    one = collect_statistics(model, ex, LoraDAConfig(batch_size=4, backend="torch"), progress=False)
+    two = collect_statistics(model, ex, LoraDAConfig(batch_size=4, backend="torch", layers_per_pass=1),
+                             progress=False)
+    assert list(two.modules) == list(one.modules) and list(two.Z) == list(one.Z)
+    for name, st in one.modules.items():
+        assert torch.equal(two.modules[name].G, st.G) and torch.equal(two.modules[name].y, st.y)
+    for g, z in one.Z.items():
+        assert torch.equal(two.Z[g], z)
+
+
+def test_initialize_lora_da_streams_with_layers_per_pass(monkeypatch):
+    """``initialize_lora_da(..., LoraDAConfig(layers_per_pass=1))`` runs one pass per layer (counted at the
+    model's forward) and gives the adapter of one pass."""
+    ex = random_examples(6, seed=5)
+    lc = dict(r=2, lora_alpha=4, target_modules="all-linear")
+    adapters = {}
+    for lpp in (None, 1):
+        model = tiny_llama(seed=1)
+        calls = []
+        handle = model.register_forward_hook(lambda m, a, o: calls.append(1))
+        cfg = LoraDAConfig(rank=2, population_size=100, batch_size=3, backend="torch", layers_per_pass=lpp)
+        pm = initialize_lora_da(model, ex, LoraConfig(**lc), cfg, progress=False)
+        handle.remove()
+        probes = 1 if lpp is None else 2  # each pass probes the input groups with one short forward
+        batches = 2  # 6 examples, batch size 3
+        assert len(calls) == probes * (1 + batches), (lpp, len(calls))
+        adapters[lpp] = {n: (l.lora_B["default"].weight.double() @ l.lora_A["default"].weight.double())
+                         for n, l in lora_layers(pm).items()}
+    assert len(adapters[None]) == 14
+    for name, ref in adapters[None].items():
+        assert rel_err(adapters[1][name], ref) < TOL["solver_contract"], name
+
+
+def test_streamed_checkpoint_resumes_bit_identically(tmp_path, monkeypatch):
+    """A streamed run killed in its second pass resumes from the checkpoint (the first slice's statistics
+    are in it) and gives the factors of an uninterrupted run, bit for bit."""
+    model = tiny_llama()
+    ex = random_examples(10, seed=6)
+    cfg = LoraDAConfig(rank=2, population_size=100, batch_size=2, backend="torch", layers_per_pass=1)
+    ref = run_lora_da(model, ex, cfg, progress=False)
+    ck = str(tmp_path / "run.ckpt")
+    real_saver = ckpt.saver
+
+    def saver(sp, path, parts, every, slice_index, finished):
+        save = real_saver(sp, path, parts, every, slice_index, finished)
+
+        def on_batch(done):
+            save(done)
+            if slice_index == 1 and done >= 6:
+                raise KeyboardInterrupt
+        return on_batch
+
+    monkeypatch.setattr(ckpt, "saver", saver)
+    with pytest.raises(KeyboardInterrupt):
+        run_lora_da(model, ex, cfg, progress=False, checkpoint=ck, checkpoint_every=2)
+    monkeypatch.undo()
+    meta = ckpt.peek(ck)
+    assert meta["slice"] == 1 and meta["done"] == 6
+    got = run_lora_da(model, ex, cfg, progress=False, checkpoint=ck, checkpoint_every=2)
+    assert got.info["resumed_from_examples"] == 6 and not os.path.exists(ck)
+    for name in ref:
+        assert torch.equal(got[name].lora_A, ref[name].lora_A) and torch.equal(got[name].lora_B, ref[name].lora_B)
+
+
+def test_plan_auto_on_cpu_is_one_pass():
+    model = tiny_llama()
+    targets = find_target_modules(model, "all-linear")
+    slices, info = plan_slices(targets, LoraDAConfig(layers_per_pass="auto"))
+    assert len(slices) == 1 and info["passes"] == 1 and sum(map(len, slices)) == len(targets)
+    slices, info = plan_slices(targets, LoraDAConfig(layers_per_pass=1))
+    assert [len(s) for s in slices] == [7, 7]
