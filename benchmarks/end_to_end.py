@@ -34,10 +34,10 @@ import time
 import torch
 
 from harness import (append_jsonl, environment, git_state, gpu_name, library_debug_log, peak_gb, peak_kind,
-                     random_llama, reset_peak, sync, timed)
+                     random_llama, reset_peak, timed)
 
-from lora_da_fast import LoraDAConfig, collect_statistics  # noqa: E402  (after harness: a source tree)
-from lora_da_fast.engine import run_lora_da  # noqa: E402
+from lora_da_fast import LoraDAConfig, collect_statistics  # after harness: a source tree without install
+from lora_da_fast.engine import run_lora_da
 
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads
     "llama-1b": (2048, 22, 5632, 32, 4),

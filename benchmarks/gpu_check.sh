@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for one call on an H200 (about 6-8 minutes):
-#   1. the CUDA tests (kernels in bf16/fp16/fp32, batched solver, pipeline),
+#   1. the CUDA tests (kernels in bf16/fp16/fp32, batched solver, engine; test_pipeline.py where it
+#      is still the engine's test file),
 #   2. the kernel benchmarks (symmetric accumulation and fused gradient statistics vs cuBLAS and the
 #      reference path, d_in in {576, 2048, 4096, 11008}, 16k tokens, bf16),
 #   3. the solver benchmark on a 7B-shaped set of statistics (224 modules, 128 input groups),
@@ -57,9 +58,9 @@ step() {  # step NAME LIMIT_S COMMAND...
 }
 
 if [ -n "${GPU_CHECK_DRY:-}" ]; then  # CPU dry run of the script itself, tiny shapes (CI-sized)
-  step tests 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_pipeline.py
+  step tests 300 $PY -m pytest -q -x -p no:cacheprovider $(ls tests/test_engine.py 2>/dev/null || echo tests/test_pipeline.py)
   step bench_kernels 300 $PY benchmarks/bench_kernels.py --out "$W"
-  step bench_solver 300 $PY benchmarks/bench_solver.py --shape smollm2 --device cpu --out "$W"
+  step bench_solver 300 $PY benchmarks/bench_solver.py --shape smollm2 --layers 2 --repeat 1 --device cpu --out "$W"
   step e2e_tiny 300 $PY benchmarks/end_to_end.py --model tiny-llama --device cpu --dtype float32 \
     --num-examples 8 --seq-len 32 --batch-size 4 --json "$W/e2e.jsonl" --solver-log "$W/solver_tiny.log"
   step bench_apply 120 $PY benchmarks/bench_apply.py --device cpu --sizes 256 --stack 1,2 --cols 8,16 --reps 3 --out "$W"
@@ -68,7 +69,8 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then  # CPU dry run of the script itself, tiny s
   step bench_solver_flat 300 $PY benchmarks/bench_solver.py --stats "$W/random_tiny.safetensors" --device cpu \
     --extra 24 --ref-modules 2 --repeat 1 --out "$W/flat"
 else
-  TESTS=$(ls tests/test_kernels.py tests/test_batched_solver.py tests/test_pipeline.py tests/test_checkpoint.py 2>/dev/null)
+  TESTS=$(ls tests/test_kernels.py tests/test_batched_solver.py tests/test_engine.py tests/test_pipeline.py \
+    tests/test_checkpoint.py 2>/dev/null)
   N=${GPU_CHECK_EXAMPLES:-256}
   step tests 90 $PY -m pytest -q -x -p no:cacheprovider $TESTS
   step bench_kernels 90 $PY benchmarks/bench_kernels.py --out "$W"

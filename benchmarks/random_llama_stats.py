@@ -17,7 +17,7 @@ import torch
 
 from harness import random_llama
 
-from lora_da_fast import LoraDAConfig, collect_statistics  # noqa: E402  (after harness: a source tree)
+from lora_da_fast import LoraDAConfig, collect_statistics  # after harness: a source tree without install
 
 
 def main(argv=None) -> int:
