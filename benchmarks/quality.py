@@ -65,6 +65,9 @@ from quality_study.report import markdown, plot, summarise
 from quality_study.tasks import TASK_SIZES, Task, make_task, task_args
 from quality_study.train import log, run_method
 
+# The library is imported once, up front, by the imports above (the package loads its engine and solvers):
+# a long run then uses one version of it throughout, whatever is edited meanwhile.
+
 
 def _git_state() -> str:
     """The commit, and the library files modified or untracked in the working tree, if any."""
@@ -138,9 +141,6 @@ def main(argv=None) -> int:
     command = " ".join(["python benchmarks/quality.py"] + [shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])])
     log(f"command: {command}")
     os.makedirs(args.out_dir, exist_ok=True)
-    # the library is imported once, up front (the modules above import it; the solve imports the batched
-    # solver lazily): a long run then uses one version of it throughout, whatever is edited meanwhile
-    import lora_da_fast.batched_solver  # noqa: F401
     model, tok = load_model(args.model)
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     if args.targets == "all-linear":  # every Linear but the output head, as PEFT's "all-linear"
