@@ -41,10 +41,10 @@ import torch
 
 from harness import environment, git_state, gpu_name, library_debug_log, sync, timed, write_results
 
-from lora_da_fast import FisherStatistics, LoraDAConfig, ModuleStatistics
-from lora_da_fast.batched_solver import solve_batched
-from lora_da_fast.solver import (LoraDAResult, canonical_signs, cholesky_with_retry, fisher_gradient, guidance,
-                                 output_damping, output_inverse, solve_reference, to_factors)
+from lora_da_fast import FisherStatistics, LoraDAConfig, LoraDAResult, ModuleStatistics
+from lora_da_fast.solve import solve_batched, solve_reference
+from lora_da_fast.solve.steps import (canonical_signs, cholesky_with_retry, fisher_gradient, guidance, output_damping,
+                                      output_inverse, to_factors)
 
 SHAPES = {
     # name: (layers, hidden, mlp, q_out, kv_out)

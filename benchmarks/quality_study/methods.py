@@ -12,7 +12,8 @@ from typing import Dict, Optional
 import torch
 
 from lora_da_fast import LoraDAConfig, LoraFactors, apply_lora_da, collect_statistics, initialize_lora_da
-from lora_da_fast.peft_integration import lora_target_names, resolve_lora_da_config
+from lora_da_fast.peft_integration import resolve_lora_da_config
+from lora_da_fast.targets import lora_target_names
 
 from .model import loss_sum
 from .tasks import Task
