@@ -29,6 +29,7 @@ from .plan import plan_slices
 from .results import LoraDAResult
 from .solve import solve_local, solve_sharded
 from .statistics import StatisticsPass, reduce_over_ranks, run_pass
+from .statistics.statistics_pass import LossFn
 from .targets import find_target_modules, linear_shape
 
 
@@ -93,7 +94,8 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
                 log=None, stats: Optional[FisherStatistics] = None, solve: bool = True,
                 num_examples: Optional[int] = None, checkpoint: Optional[str] = None, checkpoint_every: int = 64,
                 fingerprint: Optional[Dict[str, str]] = None, statistics_file: Optional[str] = None,
-                statistics_meta: Optional[dict] = None, keep_statistics: bool = False, status: Optional[dict] = None) -> LoraDAResult:
+                statistics_meta: Optional[dict] = None, keep_statistics: bool = False, status: Optional[dict] = None,
+                loss_fn: Optional[LossFn] = None) -> LoraDAResult:
     """One LoRA-DA run: statistics pass(es) and solve. Returns ``{module_name: LoraFactors}`` with
     ``.reports``, ``.info`` (the memory plan, the time of each phase, example and token counts) and
     ``.statistics`` (the statistics, when ``keep_statistics``, ``statistics_file``, ``stats`` or
@@ -117,6 +119,10 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
         statistics_file: where to save the statistics (rank 0, atomically) once the passes are done,
             before the (last) solve: a failed solve can be rerun from it; ``statistics_meta`` is added
             to the file's ``meta``.
+        loss_fn: ``(model, batch) -> per-example losses [B]`` replacing the causal-LM mean token loss
+            (any head, any objective; :class:`~lora_da_fast.statistics.StatisticsPass`). ``batch`` is a
+            dict of tensors on the model's device: ``input_ids``, ``attention_mask`` (right padding),
+            ``labels`` and the examples' other fields (:meth:`lora_da_fast.data.Batch.inputs`).
         status: a dict the run fills as it goes (``checkpoint``: this rank's checkpoint file,
             ``examples``: this rank's examples, ``phase``: "statistics" or "solve"), for a caller that
             explains a failure.
@@ -189,7 +195,8 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
         else:
             t0 = time.perf_counter()
             status["phase"] = "statistics"
-            with comm.guard("the statistics pass"), StatisticsPass(model, cfg, targets=sub) as sp:
+            with comm.guard("the statistics pass"), StatisticsPass(model, cfg, targets=sub, loss_fn=loss_fn,
+                                                                       probe=exs[0] if exs else None) as sp:
                 done = 0
                 if resumed is not None and i == start_slice and resumed["done"] > 0:
                     done = ckpt.resume(sp, path)
@@ -240,7 +247,8 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
 
 def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
                        progress: bool = True, num_examples: Optional[int] = None,
-                       checkpoint: Optional[str] = None, checkpoint_every: int = 64) -> FisherStatistics:
+                       checkpoint: Optional[str] = None, checkpoint_every: int = 64,
+                       loss_fn: Optional[LossFn] = None) -> FisherStatistics:
     """One forward+backward pass over ``examples`` (one per slice with ``cfg.layers_per_pass``);
     returns the :class:`FisherStatistics` (on the CPU when there were several slices).
 
@@ -255,6 +263,9 @@ def collect_statistics(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     ``checkpoint_every`` examples (atomic writes, with a fingerprint of model, data, config and code
     version); if it exists when the pass starts, the pass resumes from it (bit-identical to an
     uninterrupted run) or refuses a mismatch. It is deleted once the pass completes.
+
+    ``loss_fn``: ``(model, batch) -> per-example losses [B]`` instead of the causal-LM loss (see
+    :func:`run_lora_da`).
     """
     return run_lora_da(model, examples, cfg, progress=progress, solve=False, num_examples=num_examples,
-                       checkpoint=checkpoint, checkpoint_every=checkpoint_every).statistics
+                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, loss_fn=loss_fn).statistics

@@ -21,6 +21,7 @@ from .engine import run_lora_da
 from .errors import ConfigError, TargetError
 from .fisher import FisherStatistics
 from .results import LoraFactors
+from .statistics.statistics_pass import LossFn
 from .targets import check_lora_config, check_rank_fits, lora_target_names
 
 _DEFAULT_TARGETS = LoraDAConfig.__dataclass_fields__["target_modules"].default
@@ -99,7 +100,7 @@ def apply_lora_da(peft_model: nn.Module, factors: Dict[str, LoraFactors], adapte
 
 def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_da_config: Optional[LoraDAConfig] = None,
                        subtract_init: bool = False, progress: bool = True,
-                       stats: Optional[FisherStatistics] = None):
+                       stats: Optional[FisherStatistics] = None, loss_fn: Optional[LossFn] = None):
     """Wrap ``model`` with PEFT (as ``peft.get_peft_model`` does) and initialise the ``"default"`` adapter
     with LoRA-DA factors. Returns the ``peft.PeftModel``, ready for ``transformers.Trainer``.
 
@@ -119,6 +120,8 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
         progress: tqdm progress bars for the statistics pass and the solve.
         stats: precomputed :class:`FisherStatistics` (e.g. ``FisherStatistics.load(path)``) covering
             the target modules; skips the data pass.
+        loss_fn: ``(model, batch) -> per-example losses [B]`` replacing the causal-LM loss (a
+            classification head, a custom objective); see :func:`lora_da_fast.run_lora_da`.
 
     Saving. Without ``subtract_init``, ``peft_model.save_pretrained(d)`` is a plain LoRA adapter of the
     unmodified base model: ``PeftModel.from_pretrained(base, d)`` reproduces the model, before or after
@@ -139,7 +142,7 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
     names = lora_target_names(model, lora_config)
     cfg = resolve_lora_da_config(lora_config, lora_da_config, names)
     check_rank_fits(model, names, cfg.rank)
-    result = run_lora_da(model, examples, cfg, progress=progress, stats=stats)
+    result = run_lora_da(model, examples, cfg, progress=progress, stats=stats, loss_fn=loss_fn)
     peft_model = get_peft_model(model, lora_config)
     apply_lora_da(peft_model, result, "default", subtract_init=subtract_init)
     return peft_model

@@ -61,12 +61,14 @@ def pad_batch(examples, side: str = "right", pad_id: int = 0) -> Dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def brute_force_statistics(model, examples, target_modules="all-linear", token_mask="attention"):
+def brute_force_statistics(model, examples, target_modules="all-linear", token_mask="attention", loss_fn=None):
     """Float64 statistics, one example at a time, with plain autograd (no code of the library's pass).
 
     ``G`` comes from ``weight.grad`` of Hugging Face's own loss (``model(..., labels=...).loss``, the
-    mean over the example's label tokens); ``Z``, ``y`` and the sequence sums from per-token inputs and
-    output gradients captured with ``retain_grad``.
+    mean over the example's label tokens), or of ``loss_fn(model, batch_of_one)[0]`` when given (the
+    batch holds the example's fields with a batch dimension, floats in float64; a scalar ``labels`` is
+    a per-example label, and the token labels are then the input ids); ``Z``, ``y`` and the sequence
+    sums from per-token inputs and output gradients captured with ``retain_grad``.
     """
     model = copy.deepcopy(model).double().eval()
     targets = find_target_modules(model, target_modules)
@@ -77,9 +79,10 @@ def brute_force_statistics(model, examples, target_modules="all-linear", token_m
     T = 0
     n_used = 0
     for e in examples:
-        ids = e["input_ids"][None]
-        labels = e["labels"][None]
-        if int((labels[0, 1:] != IGNORE_INDEX).sum()) == 0:
+        ids = torch.as_tensor(e["input_ids"])[None]
+        seq_label = "labels" in e and torch.as_tensor(e["labels"]).dim() == 0
+        labels = ids.clone() if seq_label or "labels" not in e else torch.as_tensor(e["labels"])[None]
+        if not seq_label and int((labels[0, 1:] != IGNORE_INDEX).sum()) == 0:
             continue
         n_used += 1
         cap = {}
@@ -92,7 +95,15 @@ def brute_force_statistics(model, examples, target_modules="all-linear", token_m
 
         hs = [m.register_forward_hook(hook(nm)) for nm, m in targets.items()]
         model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=labels).loss
+        if loss_fn is None:
+            loss = model(input_ids=ids, labels=labels).loss
+        else:
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+            for k, v in e.items():
+                if k not in ("input_ids", "attention_mask") and (k != "labels" or seq_label) and not isinstance(v, str):
+                    v = torch.as_tensor(v)
+                    batch[k] = (v.double() if v.is_floating_point() else v)[None]
+            loss = loss_fn(model, batch)[0]
         loss.backward()
         for h in hs:
             h.remove()

@@ -14,10 +14,12 @@ from ..ops import get_ops
 from ..targets import linear_shape
 
 
-def input_group_probe(model: nn.Module, targets: Dict[str, nn.Module], device) -> Dict[str, str]:
+def input_group_probe(model: nn.Module, targets: Dict[str, nn.Module], device,
+                      run: Optional[Callable[[], object]] = None) -> Dict[str, str]:
     """Map each target module to the first module (forward order) that receives the *same input tensor*.
 
-    Runs one short no-grad forward (a dummy 4-token input) and compares input tensors by storage pointer, shape, strides and
+    Runs one short no-grad forward (a dummy 4-token input, or ``run()`` when given: a ``loss_fn`` on a
+    short real example) and compares input tensors by storage pointer, shape, strides and
     dtype (like PEFT's EVA, this does not depend on module names). References to the inputs are held
     during the probe so that no storage is reused while the comparison runs.
     """
@@ -38,9 +40,12 @@ def input_group_probe(model: nn.Module, targets: Dict[str, nn.Module], device) -
 
     handles = [m.register_forward_hook(hook(n)) for n, m in targets.items()]
     try:
-        ids = torch.zeros(1, 4, dtype=torch.long, device=device)
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            if run is not None:
+                run()
+            else:
+                ids = torch.zeros(1, 4, dtype=torch.long, device=device)
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -23,12 +23,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import LoraDAConfig
-from ..data import IGNORE_INDEX, Batch, Example, iter_batches
+from ..data import IGNORE_INDEX, Batch, Example, collate, iter_batches
 from ..errors import ConfigError, DataError, NumericalError
 from ..fisher import FisherStatistics, ModuleStatistics, check_finite
 from ..ops.reference import symmetrize_upper
 from ..targets import find_target_modules
 from .hooks import Accumulators, input_embeddings, input_group_probe, start_graph
+
+# A loss/forward callback: ``loss_fn(model, batch) -> losses`` with ``batch`` a dict of tensors on the
+# model's device (:meth:`lora_da_fast.data.Batch.inputs`) and ``losses`` of shape ``[batch size]``.
+LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]
 
 
 def per_example_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,7 +57,10 @@ class StatisticsPass:
     On entry the model is put in eval mode with every parameter frozen, and the input groups are
     detected; on exit the hooks are removed and ``requires_grad`` flags and modes restored exactly.
     ``targets`` (``{name: module}``) restricts the pass to a subset of the target modules (used to
-    stream a large model through several passes).
+    stream a large model through several passes). ``loss_fn`` (``(model, batch) -> losses [B]``, ``batch``
+    from :meth:`~lora_da_fast.data.Batch.inputs`) replaces the causal-LM loss: ``L_i`` is its ``i``-th
+    loss, so the per-example semantics follow from it; ``probe`` (an example) is what the input-group
+    probe runs it on (the first tokens of it), otherwise the probe feeds the model dummy tokens.
 
     The accumulators (sums, not means, :class:`~.hooks.Accumulators`) and the counters ``n``
     (examples) and ``T`` (selected tokens) are plain tensors and ints: :meth:`state_dict` and
@@ -61,13 +68,30 @@ class StatisticsPass:
     the ranks of a process group before :meth:`finalize`.
     """
 
-    def __init__(self, model: nn.Module, cfg: LoraDAConfig, targets: Optional[Dict[str, nn.Module]] = None):
+    def __init__(self, model: nn.Module, cfg: LoraDAConfig, targets: Optional[Dict[str, nn.Module]] = None,
+                 loss_fn: Optional[LossFn] = None, probe: Optional[Example] = None):
         if not isinstance(cfg, LoraDAConfig):
             raise ConfigError("cfg must be a LoraDAConfig")
-        self.model, self.cfg = model, cfg
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError(f"loss_fn must be a function (model, batch) -> per-example losses, got "
+                              f"{type(loss_fn).__name__}")
+        self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
         self.targets = targets if targets is not None else find_target_modules(model, cfg.target_modules)
-        self.emb = input_embeddings(model)
-        self.device = self.emb.weight.device
+        try:
+            self.emb = input_embeddings(model)
+            self.device = self.emb.weight.device
+        except ConfigError:
+            if loss_fn is None:  # the default loss feeds input_ids to the model
+                raise
+            self.emb = None  # a loss_fn may run any model: batches go where its first parameter lives
+            self.device = next(iter(model.parameters())).device
+        # The input-group probe runs loss_fn on (the first tokens of) a real example: a model with its
+        # own inputs or head need not accept a dummy batch. The default loss probes with dummy tokens.
+        self._probe_batch = None
+        if loss_fn is not None and probe is not None:
+            k = min(len(probe), 8)
+            self._probe_batch = Example(probe.input_ids[:k], probe.labels[:k], probe.index,
+                                        {n: v[:k] for n, v in probe.token_fields.items()}, dict(probe.fields))
         self.pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
         self.n = self.T = 0
         self.acc: Optional[Accumulators] = None
@@ -86,7 +110,7 @@ class StatisticsPass:
                     m.training = True
             for p in model.parameters():
                 p.requires_grad_(False)
-            leaders = input_group_probe(model, self.targets, self.device)
+            leaders = input_group_probe(model, self.targets, self.device, self._probe_forward())
             self.acc = Accumulators(self.targets, leaders, self.cfg)
             self._handles = [m.register_forward_hook(self.acc.forward_hook(name)) for name, m in self.targets.items()]
             # Gradients start at the inputs of the target modules: no parameter needs (or gets) a .grad,
@@ -109,17 +133,53 @@ class StatisticsPass:
                 m.training = t
             self._saved = None
 
+    def _probe_forward(self) -> Optional[Callable[[], object]]:
+        if self._probe_batch is None:
+            return None
+        batch = collate([self._probe_batch], self.pad_id)
+        return lambda: self.loss_fn(self.model, batch.inputs(self.device))
+
+    def _forward(self, batch: Batch):
+        """The model's output on ``batch`` (default loss) or ``loss_fn``'s per-example losses."""
+        if self.loss_fn is not None:
+            return self.loss_fn(self.model, batch.inputs(self.device))
+        return self.model(input_ids=batch.input_ids.to(self.device),
+                          attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        """``sum_i L_i`` of ``batch`` (fp32 scalar): the causal-LM mean token loss of each example, or the
+        per-example losses returned by ``loss_fn``."""
+        if self.loss_fn is None:
+            if "labels" in batch.fields:
+                raise DataError(f"examples {_examples(batch)} have one label per example (a class?), but the "
+                                "default loss is the causal-LM next-token loss, which needs per-token labels: "
+                                "pass loss_fn= (a function (model, batch) -> per-example losses)")
+            out = self._forward(batch)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            return per_example_loss_sum(logits, batch.labels.to(logits.device))
+        losses = self._forward(batch)
+        b = batch.batch_size
+        if not isinstance(losses, torch.Tensor):
+            raise ConfigError(f"loss_fn must return a tensor of per-example losses (shape [{b}]), got "
+                              f"{type(losses).__name__}")
+        if tuple(losses.shape) != (b,) or not losses.is_floating_point():
+            hint = (" (a batch mean such as out.loss? compute one loss per example, e.g. "
+                    "cross_entropy(..., reduction='none'))" if losses.dim() == 0 else "")
+            raise ConfigError(f"loss_fn must return one floating-point loss per example, shape [{b}]; got shape "
+                              f"{list(losses.shape)}, dtype {losses.dtype}{hint}")
+        if not losses.requires_grad:
+            raise ConfigError("loss_fn's losses have no gradient: they must be computed from the outputs of the "
+                              "model it is given (not under torch.no_grad, not detached)")
+        return losses.float().sum()
+
     def step(self, batch: Batch) -> None:
         """Forward and backward of one batch; the hooks accumulate every statistic."""
         acc = self.acc
         acc.set_batch(batch, self.cfg.token_mask, self.device)
         with torch.enable_grad():
-            out = self.model(input_ids=batch.input_ids.to(self.device),
-                             attention_mask=batch.attention_mask.to(self.device), use_cache=False)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            loss = per_example_loss_sum(logits, batch.labels.to(logits.device))
+            loss = self._loss(batch)
             if not torch.isfinite(loss):
-                del out, logits, loss
+                del loss
                 raise NumericalError(f"non-finite values first appear in the output of module "
                                      f"{self._first_non_finite(batch)} on examples {_examples(batch)} "
                                      "(overflow in the model's dtype? try --dtype float32)")
@@ -142,8 +202,7 @@ class StatisticsPass:
         handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()]
         try:
             with torch.no_grad():
-                self.model(input_ids=batch.input_ids.to(self.device),
-                           attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+                self._forward(batch)
         finally:
             for h in handles:
                 h.remove()
