@@ -29,4 +29,10 @@ TOL = {
     "solver_contract": 1e-4,
     # Dense float64 reference vs an independent float64 computation (SVD for beta=0, etc.).
     "solver_fp64": 1e-9,
+    # The authors' own estimator (tests/test_compat.py, optional) vs our exact solve on a tiny model:
+    # their solve runs in float32 and torch.lobpcg stops at its default tolerance sqrt(eps32) ~ 3.5e-4
+    # on residuals whatever lobpcg_niter, so their subspace is off by about that over the relative
+    # eigengap; measured up to 2.3e-3 (gaps down to 2e-3). A difference in meaning (a variance term
+    # without its 1/sigma^2, lora_B not normalised, another gradient) is >= 1e-1.
+    "authors_fp32_solve": 1e-2,
 }
