@@ -1,0 +1,170 @@
+"""The exact solve through the tokens (docs/algorithm.md, "Two paths: input factor or tokens"): when a
+group's inputs are kept as a matrix ``X`` (``T_all x d_in``: one row per non-padding token) and each
+module's output gradients as ``Delta`` (``T_all x d_out``, ``delta_t = dL_i/dy_t``), everything the
+solve needs lives in the span of the rows of ``X``, and is computed there in float64.
+
+With the thin SVD ``X = U S V^T`` (``V``: ``d_in x k``, ``k = min(T_all, d_in)``, orthonormal columns)
+and ``P`` the token mask's selection (``T`` selected tokens):
+
+- ``Z = X^T P X / T`` and ``G^T = X^T Delta / n`` = ``V S U^T Delta / n``: both map into ``span(V)``,
+  and ``Zd = Z + lam I`` maps ``span(V)`` to itself, so ``Zd^{-1} G^T = V Zq^{-1} Gq`` with the
+  ``k x k`` matrix ``Zq = lam I + (U S)^T P (U S) / T`` and ``Gq = S U^T Delta / n`` (push-through).
+  ``D = -Zd^{-1} G^T diag(u) = V Dq``, ``Dq = -Zq^{-1} Gq diag(u)``: ``D`` lies in the span of the
+  inputs by construction, and no rounding of a separately accumulated ``G`` is amplified by
+  ``1 / lam`` in the directions the inputs do not reach (docs/implementation.md, "Numerics").
+- ``sigma = ||D||_2 = ||Dq||_2`` and, restricted to ``span(V)``,
+  ``M = V (-alpha Dqn Dqn^T + c Zq^{-1}) V^T``. On the complement ``M = c / lam I`` (``beta > 0``) or
+  ``0`` (``beta = 0``), never below the restricted spectrum (``Zq^{-1} <= I / lam``, ``-Dqn Dqn^T <= 0``):
+  the ``r`` smallest eigenvectors of ``M`` are ``V`` times those of the ``k x k`` matrix, when
+  ``k > r``.
+
+Cost: one SVD of ``X`` (``O(T_all d_in min(T_all, d_in))``) per group, per module ``S U^T Delta``
+(``k T_all d_out``) and one ``k x k`` symmetric eigendecomposition. Everything is float64.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..config import LoraDAConfig
+from ..errors import NumericalError
+from ..results import LoraFactors, ModuleReport
+
+SOLVER_TOKENS = "tokens-fp64"
+
+
+class TokenBasis:
+    """The float64 SVD basis of one input group's tokens: ``V`` (``d_in x k``), ``US = U S``
+    (``T_all x k``), the selected rows' Gram ``Zc = (US)^T P (US)`` (``k x k``) and the token counts."""
+
+    def __init__(self, X: torch.Tensor, selected: Optional[torch.Tensor], num_tokens: int):
+        W = X.to(torch.float64)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        self.d_in = int(W.shape[1])
+        self.V = Vh.transpose(-1, -2)  # [d_in, k]
+        self.U, self.S = U, S  # [T_all, k], [k]
+        US = U * S
+        Us = US if selected is None else US[selected.to(US.device)]
+        self.Zc = Us.transpose(-1, -2) @ Us  # (U S)^T P (U S) = V^T X^T P X V
+        self.num_tokens = int(num_tokens)
+
+    @property
+    def k(self) -> int:
+        return int(self.S.shape[0])
+
+    def zq(self, lam: float) -> torch.Tensor:
+        """``Zq = V^T Zd V = lam I + Zc / T`` (``k x k``, float64), symmetrised."""
+        Zq = self.Zc / self.num_tokens
+        Zq = 0.5 * (Zq + Zq.transpose(-1, -2))
+        Zq.diagonal().add_(lam)
+        return Zq
+
+    def project_gradient(self, delta: torch.Tensor, num_examples: int) -> torch.Tensor:
+        """``Gq = V^T G^T = S U^T Delta / n`` (``k x d_out``), ``G = Delta^T X / n``."""
+        return (self.S[:, None] * (self.U.transpose(-1, -2) @ delta.to(torch.float64))) / num_examples
+
+
+def solve_module_tokens(basis: TokenBasis, Lq: torch.Tensor, Zq_inv: Optional[torch.Tensor], delta: torch.Tensor,
+                        u: torch.Tensor, num_examples: int, lam: float, cfg: LoraDAConfig
+                        ) -> Tuple[LoraFactors, dict]:
+    """One module through its group's :class:`TokenBasis`: ``Lq`` is the Cholesky factor of
+    ``Zq = lam I + Zc / T``, ``Zq_inv`` its inverse (when ``beta > 0``). Returns the factors (fp32, PEFT
+    layout) and the report's numbers (``sigma``, ``eigenvalues``, ``eigengap``, ``residual``,
+    ``update_norm``), the same quantities :func:`~.reference.solve_reference` reports."""
+    r = cfg.rank
+    u = u.to(torch.float64)
+    Gq = basis.project_gradient(delta, num_examples)  # [k, d_out]
+    Dq = -torch.cholesky_solve(Gq * u[None, :], Lq)
+    sigma = torch.linalg.matrix_norm(Dq, ord=2)
+    if not bool(sigma > 0) or not bool(torch.isfinite(sigma)):
+        raise NumericalError("the Fisher-gradient is zero or non-finite")
+    Dq = Dq / sigma
+    Mq = -cfg.alpha * (Dq @ Dq.transpose(-1, -2))
+    outside = 0.0  # the eigenvalue of M on the complement of span(V)
+    if cfg.beta > 0:
+        c = cfg.beta * float(u.sum()) / (cfg.population_size * float(sigma) ** 2)
+        Mq = Mq + c * Zq_inv
+        outside = c / lam
+    Mq = 0.5 * (Mq + Mq.transpose(-1, -2))
+    w, Vm = torch.linalg.eigh(Mq)
+    Vr = Vm[:, :r]
+    A0 = basis.V @ Vr  # [d_in, r], orthonormal columns
+    # canonical signs (largest-magnitude entry of each column positive), as steps.canonical_signs
+    idx = A0.abs().argmax(dim=0, keepdim=True)
+    s = torch.sign(torch.gather(A0, 0, idx))
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    A0, Vr = A0 * s, Vr * s
+    theta = w[:r]
+    resid = torch.linalg.vector_norm(Mq @ Vr - Vr * theta, dim=0).max()
+    evs = w.tolist()
+    if basis.k < basis.d_in:  # the complement's eigenvalue, d_in - k times
+        evs = sorted(evs + [outside] * min(r + 1, basis.d_in - basis.k))
+    mnorm = max(max(abs(v) for v in evs), abs(outside) if basis.k < basis.d_in else 0.0,
+                torch.finfo(torch.float64).tiny)
+    w_r1 = evs[: r + 1]
+    gap = (w_r1[r] - w_r1[r - 1]) / mnorm if len(w_r1) > r else float("inf")
+    scale = 1.0 / math.sqrt(cfg.gamma)
+    lora_A = (A0.transpose(-1, -2) * scale).float().contiguous()
+    lora_B = ((Dq.transpose(-1, -2) @ Vr) * scale).float().contiguous()  # (A0^T Dn)^T = Dqn^T Vr
+    upd = float(torch.linalg.matrix_norm(lora_B.double() @ lora_A.double()))
+    return LoraFactors(lora_A, lora_B), {"sigma": float(sigma), "eigenvalues": w_r1, "eigengap": gap,
+                                         "residual": float(resid) / mnorm, "update_norm": upd}
+
+
+def token_output_moments(delta: torch.Tensor, selected: Optional[torch.Tensor], example: torch.Tensor,
+                         num_tokens: int, sequence_sums: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The output statistics from the tokens, in float64 (so that they too do not depend on the
+    summation order of a pass): ``y = sum_{t in S} delta_t ** 2 / T`` and, if ``sequence_sums``, the
+    per-example sums ``s_i = sum_{t in S_i} delta_t`` (``[n, d_out]``, examples in increasing
+    ``example`` index; ``u`` does not depend on their order)."""
+    d = delta.to(torch.float64)
+    if selected is not None:
+        sel = selected.to(d.device)
+        d, example = d[sel], example.to(d.device)[sel]
+    y = (d * d).sum(dim=0) / num_tokens
+    if not sequence_sums:
+        return y, None
+    ids, inverse = torch.unique(example.to(d.device), sorted=True, return_inverse=True)
+    seq = torch.zeros(ids.shape[0], d.shape[1], dtype=torch.float64, device=d.device).index_add_(0, inverse, d)
+    return y, seq
+
+
+def usable(num_tokens_all: int, d_in: int, rank: int) -> bool:
+    """Whether a group's tokens give the ``r`` smallest eigenvectors: its span must have more than
+    ``rank`` dimensions (``min(T_all, d_in) > rank``); otherwise the input-factor path is used."""
+    return min(num_tokens_all, d_in) > rank
+
+
+def solve_group_tokens(group: str, X: torch.Tensor, selected: Optional[torch.Tensor], deltas: Dict[str, torch.Tensor],
+                       us: Dict[str, torch.Tensor], lam_ys: Dict[str, float], num_examples: int, num_tokens: int,
+                       cfg: LoraDAConfig, lam: Optional[float] = None, notes: Optional[List[str]] = None
+                       ) -> Tuple[Dict[str, LoraFactors], Dict[str, ModuleReport]]:
+    """Every module of one input group through its tokens, in float64 (see the module docstring).
+
+    ``X``: ``[T_all, d_in]`` inputs of every non-padding token; ``selected``: ``[T_all]`` bool, the
+    tokens of ``Z`` and ``y`` (``None``: all); ``deltas[name]``: ``[T_all, d_out]`` output gradients
+    (``G = Delta^T X / n``); ``us[name]``: the output inverse ``u``; ``lam_ys``: its damping (for the
+    report). ``lam``: the input damping (``cfg.damping`` if ``None``): ``Zq`` is positive definite for
+    any ``lam > 0``, so no retry is needed. The factors are placed on ``X``'s device."""
+    lam = cfg.damping if lam is None else lam
+    basis = TokenBasis(X, selected, num_tokens)
+    Zq = basis.zq(lam)
+    Lq, info = torch.linalg.cholesky_ex(Zq)
+    if int(info) != 0:  # lam I + a Gram matrix: only a float64 overflow or NaN gets here
+        raise NumericalError(f"the float64 Cholesky factorisation of the token-space input factor of {group} "
+                             f"failed (damping {lam:g}): the inputs are not finite or too large")
+    Zq_inv = torch.cholesky_inverse(Lq) if cfg.beta > 0 else None
+    factors: Dict[str, LoraFactors] = {}
+    reports: Dict[str, ModuleReport] = {}
+    for name, delta in deltas.items():
+        try:
+            f, rep = solve_module_tokens(basis, Lq, Zq_inv, delta, us[name], num_examples, lam, cfg)
+        except NumericalError as exc:
+            raise NumericalError(f"module {name}: {exc}") from None
+        factors[name] = f
+        reports[name] = ModuleReport(d_in=int(X.shape[1]), d_out=int(delta.shape[1]), group=group, damping=lam,
+                                     output_damping=lam_ys[name], solver=SOLVER_TOKENS, notes=list(notes or []),
+                                     **rep)
+    return factors, reports
