@@ -5,24 +5,33 @@ The rank and the adapted modules come from the user's ``peft.LoraConfig``. The m
 with PEFT's own matching rules (:func:`lora_da_fast.targets.lora_target_names`) and their exact names
 are given to the engine, so statistics, factors and LoRA layers refer to the same modules; after
 wrapping, the set of LoRA layers PEFT created is checked against it.
+
+Entry points: :func:`initialize_lora_da` wraps a plain model and initialises it in one call.
+:func:`get_lora_da_state_dict` and :func:`initialize_lora_da_weights` compute, then apply, on a
+``PeftModel`` the user made with ``get_peft_model`` (any ``target_modules``, ``layers_to_transform``,
+``rank_pattern``, ``alpha_pattern``), as PEFT's own data-driven initialisers (EVA) do; all of them take a
+``loss_fn`` for models other than causal LMs.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 from typing import Dict, Iterable, List, Optional
 
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import LoraDAConfig
-from .engine import run_lora_da
+from .engine import run_lora_da, select_statistics, solve_lora_da
 from .errors import ConfigError, TargetError
-from .fisher import FisherStatistics
-from .results import LoraFactors
+from .fisher import FisherStatistics, ModuleStatistics
+from .results import LoraDAResult, LoraFactors
 from .statistics.statistics_pass import LossFn
-from .targets import check_lora_config, check_rank_fits, lora_target_names
+from .targets import check_lora_config, check_rank_fits, linear_shape, lora_target_names
 
 _DEFAULT_TARGETS = LoraDAConfig.__dataclass_fields__["target_modules"].default
 
@@ -146,3 +155,175 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
     peft_model = get_peft_model(model, lora_config)
     apply_lora_da(peft_model, result, "default", subtract_init=subtract_init)
     return peft_model
+
+
+# --------------------------------------------------------------------------------------------------
+# Compute, then apply (the shape of PEFT's own data-driven initialisers, e.g. EVA's
+# get_eva_state_dict / initialize_lora_eva_weights)
+
+
+def _check_adapter_config(lora_config) -> None:
+    """As :func:`~lora_da_fast.targets.check_lora_config`, with ``rank_pattern`` allowed: the entry points
+    below read each module's own rank."""
+    probe = copy.copy(lora_config)
+    if getattr(probe, "rank_pattern", None):
+        probe.rank_pattern = {}
+    check_lora_config(probe)
+
+
+def _adapter_plan(model: nn.Module, lora_config, adapter_name: str):
+    """``(root, lora_config, {name: (name of the module holding W0 in root, rank)})`` for a ``PeftModel``
+    (its LoRA layers of ``adapter_name``) or a plain model and the ``LoraConfig`` it will be wrapped with
+    (the modules PEFT will wrap, ranks from ``rank_pattern`` as PEFT resolves them)."""
+    if isinstance(model, PeftModel):
+        if lora_config is not None:
+            raise ConfigError("lora_config is read from the PeftModel (peft_config[adapter_name]): leave it None")
+        if adapter_name not in model.peft_config:
+            raise ConfigError(f"the PeftModel has no adapter {adapter_name!r} (it has: "
+                              f"{', '.join(map(repr, model.peft_config))})")
+        lora_config = model.peft_config[adapter_name]
+        if not isinstance(lora_config, LoraConfig):
+            raise ConfigError(f"adapter {adapter_name!r} is a {type(lora_config).__name__}, not a LoRA adapter")
+        _check_adapter_config(lora_config)
+        root = model.base_model.model
+        layers = lora_layers(model, adapter_name)
+        if not layers:
+            raise TargetError(f"the PeftModel has no LoRA layer for adapter {adapter_name!r}")
+        name_of = {id(m): n for n, m in root.named_modules()}
+        plan = {n: (name_of[id(layer.get_base_layer())], int(layer.r[adapter_name])) for n, layer in layers.items()}
+        return root, lora_config, plan
+    if lora_config is None:
+        raise ConfigError("give lora_config (the LoraConfig you will pass to get_peft_model), or pass the PeftModel")
+    _check_adapter_config(lora_config)
+    probe = copy.copy(lora_config)
+    probe.rank_pattern = {}
+    names = lora_target_names(model, probe)
+    pattern = getattr(lora_config, "rank_pattern", None) or {}
+    plan = {n: (n, int(pattern.get(get_pattern_key(pattern.keys(), n), lora_config.r))) for n in names}
+    return model, lora_config, plan
+
+
+def _renamed(stats: FisherStatistics, rename: Dict[str, str]) -> FisherStatistics:
+    modules = {rename[n]: ModuleStatistics(rename[st.group], st.G, st.y, st.seq_sums) for n, st in stats.modules.items()}
+    return dataclasses.replace(stats, modules=modules, Z={rename[g]: z for g, z in stats.Z.items()})
+
+
+def get_lora_da_state_dict(model: nn.Module, examples: Optional[Iterable] = None,
+                           lora_da_config: Optional[LoraDAConfig] = None, *, lora_config=None,
+                           adapter_name: str = "default", loss_fn: Optional[LossFn] = None,
+                           stats: Optional[FisherStatistics] = None, num_examples: Optional[int] = None,
+                           progress: bool = True) -> LoraDAResult:
+    """Compute the LoRA-DA factors of an adapter without applying them: ``{module name: LoraFactors}``
+    (with ``.reports``), for :func:`initialize_lora_da_weights` (``lora_da_state_dict=``) or to save
+    (``torch.save``) and apply later. The counterpart of PEFT's ``get_eva_state_dict``.
+
+    Args:
+        model: a ``peft.PeftModel`` made with ``get_peft_model`` (its adapter ``adapter_name`` gives the
+            modules and each module's rank: ``target_modules``, ``exclude_modules``,
+            ``layers_to_transform``, ``rank_pattern``; the adapter is disabled during the statistics
+            pass, so they describe the base model whatever the LoRA weights hold), or a plain model
+            together with ``lora_config``, the ``peft.LoraConfig`` it will be wrapped with.
+        examples: calibration examples (as :func:`lora_da_fast.collect_statistics` takes them: dicts,
+            padded batches, a ``DataLoader``, a ``datasets`` object). Unused when ``stats`` is given.
+        lora_da_config: hyper-parameters; ``rank`` must equal ``LoraConfig.r`` (modules of
+            ``rank_pattern`` get their own rank), ``population_size`` is required when ``beta > 0``.
+        loss_fn: ``(model, batch) -> per-example losses [B]`` instead of the causal-LM loss (any head,
+            any objective); it receives the base model (``peft_model.base_model.model`` for a
+            ``PeftModel``).
+        stats: precomputed :class:`FisherStatistics` named as the base model's modules (from
+            ``collect_statistics`` on the base model, or the CLI's ``--stats-cache`` file).
+        num_examples: use only the first ``num_examples`` examples (e.g. of a training ``DataLoader``).
+
+    ``alpha_pattern``, ``lora_alpha`` and ``use_rslora`` only scale the adapter's output; the factors do
+    not depend on them. All modules' statistics come from one pass; modules of each rank are solved
+    together.
+    """
+    root, lora_config, plan = _adapter_plan(model, lora_config, adapter_name)
+    names = list(plan)
+    cfg = resolve_lora_da_config(lora_config, lora_da_config, names)
+    modules = dict(root.named_modules())
+    bad = [(min(linear_shape(modules[s])), n, r) for n, (s, r) in plan.items() if r > min(linear_shape(modules[s]))]
+    if bad:
+        bound, n, r = min(bad)
+        raise TargetError(f"rank {r} is larger than min(d_in, d_out) = {bound} of module {n}")
+    if stats is None:
+        if examples is None:
+            raise ConfigError("give calibration examples (or precomputed stats=)")
+        pass_cfg = dataclasses.replace(cfg, target_modules=[s for s, _ in plan.values()])
+        off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+        with off:
+            got = run_lora_da(root, examples, pass_cfg, progress=progress, solve=False, num_examples=num_examples,
+                              loss_fn=loss_fn).statistics
+        stats = _renamed(got, {s: n for n, (s, _) in plan.items()})
+    else:
+        stats = select_statistics(stats, names, None, cfg.token_mask)
+        for n, (s, _) in plan.items():
+            st = stats.modules[n]
+            if (st.d_out, st.d_in) != tuple(linear_shape(modules[s])):
+                raise TargetError(f"statistics of {n} are {st.d_out}x{st.d_in} but the module is "
+                                  f"{'x'.join(map(str, linear_shape(modules[s])))}")
+    by_rank: Dict[int, List[str]] = {}
+    for n, (_, r) in plan.items():
+        by_rank.setdefault(r, []).append(n)
+    result = LoraDAResult()
+    for r, group in by_rank.items():
+        got = solve_lora_da(stats.subset(group), dataclasses.replace(cfg, rank=r, target_modules=group),
+                            progress=progress)
+        result.update(got)
+        result.reports.update(got.reports)
+    ordered = LoraDAResult({n: result[n] for n in names}, {n: result.reports[n] for n in names if n in result.reports})
+    ordered.statistics = stats
+    return ordered
+
+
+def _as_factors(state: Dict) -> Dict[str, LoraFactors]:
+    if not hasattr(state, "items"):
+        raise ConfigError(f"lora_da_state_dict must be a dict of module name -> factors, got {type(state).__name__}")
+    out = {}
+    for name, f in state.items():
+        if isinstance(f, dict) and {"lora_A", "lora_B"} <= set(f):
+            f = (f["lora_A"], f["lora_B"])
+        if not (isinstance(f, tuple) and len(f) == 2 and all(isinstance(t, torch.Tensor) for t in f)):
+            raise ConfigError(f"lora_da_state_dict[{name!r}] must be LoraFactors(lora_A, lora_B), got {type(f).__name__}")
+        out[name] = LoraFactors(*f)
+    return out
+
+
+def initialize_lora_da_weights(peft_model: nn.Module, examples: Optional[Iterable] = None,
+                               lora_da_config: Optional[LoraDAConfig] = None, *,
+                               lora_da_state_dict: Optional[Dict[str, LoraFactors]] = None,
+                               adapter_name: str = "default", loss_fn: Optional[LossFn] = None,
+                               stats: Optional[FisherStatistics] = None, num_examples: Optional[int] = None,
+                               subtract_init: bool = False, progress: bool = True) -> Dict[str, LoraFactors]:
+    """Initialise the LoRA weights of adapter ``adapter_name`` of a ``PeftModel`` the user made with
+    ``get_peft_model``, in place, with LoRA-DA factors: computed from ``examples`` (or ``stats``) by
+    :func:`get_lora_da_state_dict`, or given (``lora_da_state_dict``, e.g. computed earlier on the plain
+    model). Returns the factors. The counterpart of PEFT's ``initialize_lora_eva_weights``.
+
+    ``subtract_init`` as in :func:`initialize_lora_da`. The LoRA parameters are written in place
+    (``copy_``), so an optimizer or a ``transformers.Trainer`` built around the model already keeps
+    working; call it before ``trainer.train()``, and before the model is sharded (DeepSpeed ZeRO-3,
+    FSDP). With ``transformers.Trainer``::
+
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        initialize_lora_da_weights(peft_model, calibration_examples,
+                                   LoraDAConfig(rank=8, population_size=len(train_dataset)))
+        trainer = Trainer(model=peft_model, args=training_args, train_dataset=train_dataset, ...)
+        trainer.train()
+
+    The calibration examples may be the trainer's own loader, ``trainer.get_train_dataloader()`` with
+    ``num_examples=256`` (its padded batches are split into examples; a classification collator's
+    ``labels`` of one class per example need a ``loss_fn``).
+    """
+    if not isinstance(peft_model, PeftModel):
+        raise ConfigError("initialize_lora_da_weights needs a peft.PeftModel (made with get_peft_model); for a plain "
+                          "model use initialize_lora_da, which wraps it")
+    if lora_da_state_dict is not None:
+        if examples is not None or stats is not None:
+            raise ConfigError("give either lora_da_state_dict or examples/stats, not both")
+        factors = _as_factors(lora_da_state_dict)
+    else:
+        factors = get_lora_da_state_dict(peft_model, examples, lora_da_config, adapter_name=adapter_name,
+                                         loss_fn=loss_fn, stats=stats, num_examples=num_examples, progress=progress)
+    apply_lora_da(peft_model, factors, adapter_name, subtract_init=subtract_init)
+    return factors
