@@ -4,7 +4,7 @@ share them."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,22 +14,72 @@ from ..fisher import FisherStatistics, ModuleStatistics, first_failing
 from ..results import LoraFactors
 
 
+# The input damping must leave Zd = sym(Z) + lam I with its smallest eigenvalue at least this fraction of
+# lam (docs/algorithm.md, "The damping rule").
+DAMPING_MARGIN = 0.5
+
+
+def damping_note(damping: float, lam: float) -> str:
+    """The report's note for an input damping raised from ``damping`` to ``lam`` by :func:`input_damping`."""
+    return (f"damping raised from {damping:g} to {lam:g} after a failed Cholesky (float64, of sym(Z) + "
+            f"{1 - DAMPING_MARGIN:g} x damping: Z has an eigenvalue below -{(1 - DAMPING_MARGIN) * lam / 10:g}, "
+            "fp32 rounding of a singular or ill-conditioned input factor)")
+
+
+def input_damping(Z: torch.Tensor, damping: float, max_damping: float, names: Sequence[str]) -> List[float]:
+    """The damping of each input factor of a stack ``Z`` (``[g, d, d]``, or one ``[d, d]`` matrix; any
+    float dtype), a function of the final statistics alone, computed in float64 the same way by every
+    solver and in every run (docs/algorithm.md, "The damping rule"):
+
+    ``lam`` is the smallest of ``damping * 10^k`` (``k = 0, 1, ...``, up to ``max_damping``) for which
+    ``sym(Z) + (1 - DAMPING_MARGIN) lam I`` has a float64 Cholesky factorisation, that is (to float64
+    rounding) ``lambda_min(sym(Z)) > -(1 - DAMPING_MARGIN) lam``. Then ``Zd = sym(Z) + lam I`` is
+    positive definite with ``lambda_min(Zd) >= DAMPING_MARGIN * lam``: the factorisation of ``Zd`` cannot
+    fail, in float64 or float32 alike, and ``||Zd^{-1}|| <= 2 / lam`` (a ``Zd`` that only just factorises
+    would amplify rounding by far more). The default ``damping`` is kept whenever ``Z`` is positive
+    semi-definite to within ``damping / 2``, as the statistics of exact arithmetic are.
+
+    :class:`NumericalError` naming ``names[i]`` when even ``max_damping`` does not do; a non-finite
+    ``Z`` is reported as such."""
+    Z64 = Z.to(torch.float64)
+    Z64 = Z64[None] if Z64.dim() == 2 else Z64
+    Zs = Z64 + Z64.transpose(-1, -2)  # 2 sym(Z); float64 copies only (the caller's Z is left as it is)
+    Zs.mul_(0.5)
+    for i, ok in enumerate(torch.isfinite(Zs).flatten(1).all(dim=1).tolist()):
+        if not ok:
+            raise NumericalError(f"the input factor of {names[i]} is not finite")
+    lams = [float(damping)] * Zs.shape[0]
+    todo = list(range(Zs.shape[0]))
+    while todo:
+        Zt = Zs if len(todo) == Zs.shape[0] else Zs[torch.tensor(todo, device=Zs.device)]
+        shift = torch.tensor([(1 - DAMPING_MARGIN) * lams[i] for i in todo], dtype=torch.float64, device=Zs.device)
+        Zt.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
+        L, info = torch.linalg.cholesky_ex(Zt)
+        ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
+        Zt.diagonal(dim1=-2, dim2=-1).sub_(shift[:, None])
+        del L
+        failed = [i for i, good in zip(todo, ok.tolist()) if not good]
+        for i in failed:
+            if lams[i] * 10 > max_damping * (1 + 1e-12):
+                raise NumericalError(
+                    f"Cholesky factorisation of the input factor of {names[i]} failed even with damping {lams[i]:g} "
+                    f"(max_damping={max_damping:g}): its smallest eigenvalue is below "
+                    f"-{(1 - DAMPING_MARGIN) * lams[i]:g}")
+            lams[i] *= 10
+        todo = failed
+    return lams
+
+
 def cholesky_with_retry(Z: torch.Tensor, damping: float, max_damping: float, what: str
                         ) -> Tuple[torch.Tensor, float]:
-    """Cholesky factor of ``sym(Z) + lam I``; on failure retry with ``lam`` raised tenfold up to
-    ``max_damping``. Returns ``(L, lam_used)``; raises :class:`NumericalError` naming ``what``."""
+    """Cholesky factor of ``Zd = sym(Z) + lam I`` (in ``Z``'s dtype) with ``lam`` from
+    :func:`input_damping`. Returns ``(L, lam)``; raises :class:`NumericalError` naming ``what``."""
+    lam = input_damping(Z, damping, max_damping, [what])[0]
     Zs = 0.5 * (Z + Z.transpose(-1, -2))
-    eye = torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device)
-    lam = damping
-    while True:
-        L, info = torch.linalg.cholesky_ex(Zs + lam * eye)
-        if not bool((info != 0).any()) and bool(torch.isfinite(L).all()):
-            return L, lam
-        if lam * 10 > max_damping * (1 + 1e-12):
-            raise NumericalError(
-                f"Cholesky factorisation of the input factor of {what} failed even with damping {lam:g} "
-                f"(max_damping={max_damping:g})")
-        lam *= 10
+    L, info = torch.linalg.cholesky_ex(Zs + lam * torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device))
+    if int(info) != 0 or not bool(torch.isfinite(L).all()):  # cannot happen in float64 (lambda_min(Zd) >= lam / 2)
+        raise NumericalError(f"Cholesky factorisation of the input factor of {what} failed with damping {lam:g}")
+    return L, lam
 
 
 def output_damping(st: ModuleStatistics, cfg: LoraDAConfig) -> float:
