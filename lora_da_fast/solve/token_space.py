@@ -24,13 +24,15 @@ Cost: one SVD of ``X`` (``O(T_all d_in min(T_all, d_in))``) per group, per modul
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..config import LoraDAConfig
 from ..errors import NumericalError
-from ..results import LoraFactors, ModuleReport
+from ..fisher import FisherStatistics, ModuleStatistics
+from ..results import LoraDAResult, LoraFactors, ModuleReport
+from .steps import output_damping, output_inverse
 
 SOLVER_TOKENS = "tokens-fp64"
 
@@ -168,3 +170,43 @@ def solve_group_tokens(group: str, X: torch.Tensor, selected: Optional[torch.Ten
                                      output_damping=lam_ys[name], solver=SOLVER_TOKENS, notes=list(notes or []),
                                      **rep)
     return factors, reports
+
+
+def token_path_groups(stats: FisherStatistics, cfg: LoraDAConfig) -> List[str]:
+    """The input groups of ``stats`` solved through their tokens: those whose tokens were kept
+    (``stats.tokens``) and whose span has more than ``rank`` dimensions (:func:`usable`)."""
+    tokens = getattr(stats, "tokens", None)
+    if tokens is None:
+        return []
+    groups = stats.groups()
+    return [g for g, x in tokens.X.items()
+            if groups.get(g) and usable(tokens.num_rows, int(x.shape[1]), cfg.rank)]
+
+
+def solve_token_groups(stats: FisherStatistics, cfg: LoraDAConfig, groups: Sequence[str]) -> LoraDAResult:
+    """The modules of ``groups`` (all with kept tokens) through their tokens, in float64. The output
+    statistics ``y`` (or the per-example sums) are recomputed from the tokens in float64 too
+    (:func:`token_output_moments`), so that nothing of the result depends on the pass's summation order."""
+    tokens = stats.tokens
+    members = stats.groups()
+    mode = stats.output_fisher
+    factors: Dict[str, LoraFactors] = {}
+    reports: Dict[str, ModuleReport] = {}
+    for g in groups:
+        names = members[g]
+        us, lam_ys, deltas = {}, {}, {}
+        for m in names:
+            delta = tokens.delta[m]
+            y, seq = token_output_moments(delta, tokens.selected, tokens.example, stats.num_tokens,
+                                          mode == "sequence_lowrank")
+            st = ModuleStatistics(g, stats.modules[m].G, y, seq)
+            lam_ys[m] = output_damping(st, cfg)
+            us[m] = output_inverse(st, stats.num_examples, lam_ys[m], mode)
+            deltas[m] = delta
+        f, r = solve_group_tokens(g, tokens.X[g], tokens.selected, deltas, us, lam_ys, stats.num_examples,
+                                  stats.num_tokens, cfg)
+        for m in names:  # the factors live where the statistics do
+            out = stats.modules[m].G.device
+            factors[m] = LoraFactors(f[m].lora_A.to(out), f[m].lora_B.to(out))
+            reports[m] = r[m]
+    return LoraDAResult(factors, reports)
