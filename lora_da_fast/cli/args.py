@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per example; longer ones are truncated (default: %(default)s)")
     d.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
                    help="examples per forward/backward; the result does not depend on it (default: %(default)s)")
+    d.add_argument("--chat-template", action="store_true",
+                   help="render prompt/response records with the tokenizer's own chat template (a user turn, then "
+                        "the assistant's reply, which alone is in the loss); text records are unchanged")
     d.add_argument("--token-mask", choices=("attention", "labels"), default="attention",
                    help="tokens of the Kronecker factors: every non-padding token, or those with a next-token "
                         "label (default: %(default)s)")

@@ -136,7 +136,8 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
 
     with clock.phase("tokenize"):
         examples = records_to_examples(tokenizer, tqdm(chosen, desc="tokenize", unit="ex", disable=not show,
-                                                       dynamic_ncols=True), args.max_length)
+                                                       dynamic_ncols=True), args.max_length,
+                                       chat_template=args.chat_template)
     empty = [i for i, e in enumerate(examples) if not bool((e["labels"][1:] != IGNORE_INDEX).any())]
     if len(empty) == len(examples):
         raise DataError(f"none of the {len(examples)} calibration examples has a label token (empty texts, or "
