@@ -26,11 +26,12 @@ from .config import LoraDAConfig
 from .data import Example
 from .errors import DataError
 from .fileio import write_atomic
-from .fisher import FORMAT_VERSION, FisherStatistics
+from .fisher import FORMAT_VERSION, FisherStatistics, content_checksum, damaged_message, safetensors_header_has
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: content checksum
 _META_KEY = "lora_da_fast_checkpoint"
 _FINISHED = "F."  # tensor-name prefix of the finished slices' statistics
+_TOKENS = "tok."  # tensor-name prefix of the pass's kept token rows (lora_da_fast.statistics.token_store)
 
 # What each part of a fingerprint covers, in words (messages name the parts that differ).
 PART_NAMES = {
@@ -100,16 +101,37 @@ def differing(have: Optional[Dict[str, str]], want: Dict[str, str]) -> List[str]
     return [PART_NAMES.get(k, k) for k in want if have.get(k) != want[k]]
 
 
+def is_checkpoint_file(path: str) -> bool:
+    """Whether ``path`` is a checkpoint :func:`write` wrote (by its header; damaged or not)."""
+    return os.path.isfile(path) and not os.path.islink(path) and safetensors_header_has(path, _META_KEY)
+
+
+def _damaged(path: str, why: str) -> DataError:
+    return DataError(damaged_message(path, why) + " (the statistics pass starts again)")
+
+
 def _read(path: str, tensors: bool) -> Tuple[dict, Optional[Dict[str, torch.Tensor]]]:
+    """The header (and the tensors, checked against the content checksum) of the checkpoint ``path``."""
+    if not safetensors_header_has(path, _META_KEY):  # not ours: never advise deleting it
+        raise DataError(f"{path} exists and is not a lora_da_fast checkpoint: the statistics pass would "
+                        "overwrite it; move it away or choose another path")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = json.loads((f.metadata() or {})[_META_KEY])
             data = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
         if not isinstance(meta, dict) or not isinstance(meta.get("done"), int):
             raise ValueError("no checkpoint header")
-    except Exception as exc:
-        raise DataError(f"{path} is not a readable statistics checkpoint ({type(exc).__name__}); "
-                        "delete it to start the pass again") from None
+    except Exception as exc:  # safetensors and json raise several types for a damaged file
+        raise _damaged(path, f"not a readable statistics checkpoint: {type(exc).__name__}") from None
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"the checkpoint {path} was written by another lora_da_fast version (checkpoint format "
+                        f"{meta.get('version')!r}, this version reads {CHECKPOINT_VERSION}): delete {path} and "
+                        "rerun (the statistics pass starts again)")
+    if data is not None:
+        if not isinstance(meta.get("checksum"), str):
+            raise _damaged(path, "no content checksum")
+        if content_checksum(data, meta) != meta["checksum"]:
+            raise _damaged(path, "content checksum mismatch: the file changed after it was written")
     return meta, data
 
 
@@ -150,15 +172,19 @@ def write(path: str, state: Optional[dict], parts: Dict[str, str], slice_index: 
             names[key].append(name)
             if t is not None:
                 tensors[f"{key}.{i}"] = t.detach().contiguous().cpu()
+    rows = state.get("tokens") or {}
+    for key, t in rows.items():
+        tensors[f"{_TOKENS}{key}"] = t.detach().contiguous().cpu()
     header = None
     if finished is not None:
         more, header = finished.to_tensors(_FINISHED)
         tensors.update(more)
     meta = {"fingerprint": combine(parts), "parts": parts, "version": CHECKPOINT_VERSION, "slice": slice_index,
-            "done": done, "n": state["n"], "T": state["T"], "names": names, "finished": header}
+            "done": done, "n": state["n"], "T": state["T"], "names": names, "finished": header,
+            "tokens": sorted(rows)}
+    meta["checksum"] = content_checksum(tensors, meta)
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)}),
-                 lambda exc: f"cannot write the statistics checkpoint {path} ({exc.strerror or exc}); "
-                             "free some disk space or choose another path")
+                 "the statistics checkpoint")
 
 
 def saver(sp, path: str, parts: Dict[str, str], every: int, slice_index: int,
@@ -180,15 +206,83 @@ def load_finished(path: str) -> Optional[FisherStatistics]:
     meta, tensors = _read(path, tensors=True)
     if not meta.get("finished"):
         return None
-    return FisherStatistics.from_tensors(tensors, meta["finished"], _FINISHED)
+    try:
+        return FisherStatistics.from_tensors(tensors, meta["finished"], _FINISHED)
+    except DataError as exc:
+        raise _damaged(path, f"finished statistics: {exc}") from None
+
+
+def _check_state(path: str, meta: dict, tensors: Dict[str, torch.Tensor], mine: dict, needs_seq: bool) -> dict:
+    """The pass state of the checkpoint, checked against the pass it is loaded into (``mine``: its
+    fresh ``state_dict()``): the same modules, each tensor with the shape and dtype of the pass's own
+    accumulator, the sequence sums ``[n, d_out]``, sane counters. :class:`DataError` otherwise."""
+    n, T, done = meta.get("n"), meta.get("T"), meta.get("done")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (n, T, done))
+    if not ints or n > done or T < n:
+        raise _damaged(path, f"counters: {n!r} examples, {T!r} tokens, {done!r} done")
+    names = meta.get("names")
+    if not isinstance(names, dict) or set(names) != {"G", "y", "Z", "seq"}:
+        raise _damaged(path, "no record of the tensor names")
+    state = {"n": n, "T": T}
+    used = set()
+    for key, listed in names.items():
+        own = mine.get(key) or {}
+        if not isinstance(listed, list) or sorted(map(str, listed)) != sorted(own):
+            raise DataError(f"the checkpoint {path} does not match this run's target modules ({key}); delete it "
+                            "and rerun (the statistics pass starts again)")
+        state[key] = {}
+        for i, name in enumerate(listed):
+            t = tensors.get(f"{key}.{i}")
+            used.add(f"{key}.{i}")
+            ref = own[name]
+            if key == "seq":
+                if (t is None and needs_seq and n > 0) or (t is not None and (t.dim() != 2 or t.shape[0] != n)):
+                    raise _damaged(path, f"sequence sums of {name}: expected {n} rows")
+                width = mine["G"][name].shape[0] if name in mine["G"] else None
+                ok = t is None or (t.dim() == 2 and t.dtype.is_floating_point
+                                   and (width is None or t.shape[1] == width))
+            else:
+                ok = t is not None and ref is not None and t.shape == ref.shape and t.dtype == ref.dtype
+            if not ok:
+                got = "missing" if t is None else f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}"
+                raise _damaged(path, f"{key} of {name} is {got}, the pass holds "
+                                     + (f"{str(ref.dtype).replace('torch.', '')} {list(ref.shape)}"
+                                        if ref is not None else "none"))
+            state[key][name] = t
+    state["tokens"] = _check_token_rows(path, meta, tensors, mine.get("tokens"), used)
+    extra = sorted(k for k in tensors if not k.startswith(_FINISHED) and k not in used)
+    if extra:
+        raise _damaged(path, f"tensors not expected: {', '.join(extra[:3])}")
+    return state
+
+
+def _check_token_rows(path: str, meta: dict, tensors: Dict[str, torch.Tensor], mine: Optional[dict],
+                      used: set) -> Optional[Dict[str, torch.Tensor]]:
+    """The kept token rows of the checkpoint (``None`` if it has none: the pass then solves those groups
+    through their input factors), checked against the pass's own (``mine``: same groups and modules,
+    widths, one row count)."""
+    listed = meta.get("tokens") or []
+    if not listed:
+        return None
+    if not isinstance(listed, list) or mine is None or sorted(listed) != sorted(mine):
+        raise DataError(f"the checkpoint {path} does not match this run's kept tokens; delete it and rerun (the "
+                        "statistics pass starts again)")
+    rows = {}
+    for key in listed:
+        t = tensors.get(f"{_TOKENS}{key}")
+        used.add(f"{_TOKENS}{key}")
+        ref = mine[key]
+        if t is None or t.dtype != ref.dtype or tuple(t.shape[1:]) != tuple(ref.shape[1:]) \
+                or t.shape[0] != tensors.get(f"{_TOKENS}key", t).shape[0]:
+            raise _damaged(path, f"token rows {key}")
+        rows[key] = t
+    return rows
 
 
 def resume(sp, path: str) -> int:
     """Load the sums of the checkpoint ``path`` (already :func:`check` ed) into ``sp``; returns the
     number of examples of its slice already done."""
     meta, tensors = _read(path, tensors=True)
-    state = {"n": meta["n"], "T": meta["T"]}
-    for key, names in meta["names"].items():
-        state[key] = {name: tensors.get(f"{key}.{i}") for i, name in enumerate(names)}
-    sp.load_state_dict(state)
+    needs_seq = getattr(sp.cfg, "output_fisher", "diagonal") == "sequence_lowrank"
+    sp.load_state_dict(_check_state(path, meta, tensors, sp.state_dict(), needs_seq))
     return int(meta["done"])

@@ -59,6 +59,8 @@ def _as_long(value, key: str) -> torch.Tensor:
         raise DataError(f"example field {key!r} is not a tensor or list of integers: {exc}") from None
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
         raise DataError(f"example field {key!r} must hold integers, got dtype {t.dtype}")
+    if t.device.type == "meta":
+        raise DataError(f"example field {key!r} is on the meta device: it holds no values")
     return t.to(torch.long).cpu()
 
 

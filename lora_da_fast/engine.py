@@ -26,11 +26,12 @@ from .data import Example, prepare_examples
 from .errors import ConfigError, DataError, TargetError
 from .fisher import FisherStatistics
 from .plan import plan_slices
-from .results import LoraDAResult
+from .results import LoraDAResult, check_factors
 from .solve import solve_local, solve_sharded
 from .statistics import StatisticsPass, reduce_over_ranks, run_pass
 from .statistics.statistics_pass import LossFn
 from .targets import find_target_modules, linear_shape
+from .validate import check_examples_fit, check_model_loaded, example_ids
 
 
 def solve_lora_da(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = False) -> LoraDAResult:
@@ -39,10 +40,13 @@ def solve_lora_da(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = F
     ``cfg.solver``: ``"reference"`` (dense float64 per module), ``"batched"`` or ``"auto"`` (batched).
     Under an initialised ``torch.distributed`` process group of several ranks, every rank must call it
     with the same statistics; the modules are spread over the ranks and every rank gets every factor.
+    Non-finite or zero factors are a :class:`~lora_da_fast.errors.NumericalError` naming the module and
+    the setting that likely caused them (:func:`~lora_da_fast.results.check_factors`).
     """
-    if comm.is_active():
-        return solve_sharded(stats, cfg, progress=progress)
-    return solve_local(stats, cfg, progress=progress)
+    solve = solve_sharded if comm.is_active() else solve_local
+    result = solve(stats, cfg, progress=progress)
+    check_factors(result, beta=cfg.beta, gamma=cfg.gamma)  # never hand out NaN or all-zero factors
+    return result
 
 
 def select_statistics(stats: FisherStatistics, names: List[str], model: Optional[nn.Module] = None,
@@ -155,6 +159,8 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
         say(f"plan: {len(targets)} target modules in {plan['layers']} layers, statistics "
             f"{plan['statistics_gb']:.2f} GB fp32; {plan['passes']} passes of {plan['layers_per_pass']} layers")
     exs, skipped = prepare_examples(examples, cfg.sort_by_length, num_examples)
+    check_model_loaded(model)
+    check_examples_fit(model, example_ids(exs))  # token ids and positions the model has: before the pass
     mine: List[Example] = list(comm.shard(exs)) if comm.is_active() else exs
     status["examples"] = len(mine)
 

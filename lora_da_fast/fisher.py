@@ -3,8 +3,10 @@ and the output moment ``y``, per input group the input factor ``Z``, and the cou
 from one safetensors file; independent of rank, beta and gamma, so one file serves many solves."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -15,7 +17,9 @@ from safetensors.torch import save_file
 from .errors import DataError, NumericalError
 from .fileio import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content checksum and tensor shapes in the header
+_HEADER_KEY = "lora_da_fast"
+TOKEN_MASKS = ("attention", "labels")
 
 
 @dataclass
@@ -104,13 +108,19 @@ class FisherStatistics:
             "token_mask": self.token_mask,
             "output_fisher": self.output_fisher,
             "meta": self.meta,
+            "shapes": {k[len(prefix):]: list(t.shape) for k, t in tensors.items()},
+            "dtypes": {k[len(prefix):]: str(t.dtype).replace("torch.", "") for k, t in tensors.items()},
         }
+        header["checksum"] = content_checksum(tensors, header, prefix)
         return tensors, header
 
     @classmethod
     def from_tensors(cls, tensors: Dict[str, torch.Tensor], header: dict, prefix: str = "",
                      device: Optional[torch.device] = None) -> "FisherStatistics":
-        """The inverse of :meth:`to_tensors`."""
+        """The inverse of :meth:`to_tensors`. The header and the tensors are checked first (content
+        checksum, then names, shapes, dtypes and counters: :func:`check_tensors`); :class:`DataError`
+        saying what is wrong otherwise (the caller names the file)."""
+        check_tensors(tensors, header, prefix)
         mv = (lambda t: t.to(device)) if device is not None else (lambda t: t)
         groups = header["groups"]
         Z = {g: mv(tensors[f"{prefix}Z.{i}"]) for i, g in enumerate(groups)}
@@ -123,27 +133,166 @@ class FisherStatistics:
                    header["token_mask"], header["output_fisher"], header.get("meta", {}))
 
     def save(self, path: str) -> None:
-        """Write to a safetensors file, atomically (:func:`~lora_da_fast.fileio.write_atomic`)."""
+        """Write to a safetensors file, atomically (:func:`~lora_da_fast.fileio.write_atomic`), with a
+        content checksum; a full disk is a :class:`~lora_da_fast.errors.ConfigError` naming ``path``."""
         tensors, header = self.to_tensors()
-        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"lora_da_fast": json.dumps(header)}),
-                     lambda exc: f"cannot write the statistics file {path} ({exc.strerror or exc})")
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(header)}),
+                     "the statistics file")
 
     @classmethod
     def load(cls, path: str, device: Optional[torch.device] = None) -> "FisherStatistics":
-        """Read a file written by :meth:`save`; :class:`DataError` if it is not one."""
+        """Read a file written by :meth:`save`. :class:`DataError`: ``"... is not a lora_da_fast statistics
+        file"`` when it holds something else (no advice to delete: it may be the user's), ``"... is
+        damaged (...): delete ... and rerun"`` when it is one whose checksum, names, shapes or counters
+        do not hold."""
         if not os.path.isfile(path):
             raise DataError(f"statistics file not found: {path}")
+        if not is_statistics_file(path):
+            raise DataError(f"{path} is not a lora_da_fast statistics file")
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                header = json.loads(meta["lora_da_fast"])
+                header = json.loads((f.metadata() or {})[_HEADER_KEY])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise DataError(f"{path} is not a lora_da_fast statistics file ({exc})") from None
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except Exception as exc:  # safetensors and json raise several types for a truncated file
+            raise DataError(damaged_message(path, f"unreadable: {type(exc).__name__}")) from None
         if header.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{path} has statistics format {header.get('format_version')}, "
-                            f"this version reads {FORMAT_VERSION}")
-        return cls.from_tensors(tensors, header, device=device)
+            raise DataError(f"{path} has statistics format {header.get('format_version')!r}, this version reads "
+                            f"{FORMAT_VERSION} (written by another lora_da_fast version): delete {path} and rerun")
+        try:
+            return cls.from_tensors(tensors, header, device=device)
+        except DataError as exc:
+            raise DataError(damaged_message(path, str(exc))) from None
+
+
+def damaged_message(path: str, why: str) -> str:
+    """The words for a damaged statistics file or checkpoint: what is wrong and what to do."""
+    return f"{path} is damaged ({why}): delete {path} and rerun"
+
+
+def is_statistics_file(path: str) -> bool:
+    """Whether ``path`` looks like a file :meth:`FisherStatistics.save` wrote (a safetensors header that
+    mentions lora_da_fast), damaged or not; ``False`` for anything else (e.g. a JSONL file)."""
+    return safetensors_header_has(path, _HEADER_KEY)
+
+
+def safetensors_header_has(path: str, key: str) -> bool:
+    """Whether ``path`` starts like a safetensors file whose metadata has ``key`` (read from the raw
+    header, so also when the rest of the file is damaged)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (n,) = struct.unpack("<Q", head)
+            if not 2 <= n <= 100 * 2**20:
+                return False
+            raw = f.read(n)
+    except OSError:
+        return False
+    return raw[:1] == b"{" and b'"__metadata__"' in raw and f'"{key}"'.encode() in raw
+
+
+def _canonical(header: dict) -> bytes:
+    """The header without its checksum, as JSON that survives a round trip through the file unchanged."""
+    body = {k: v for k, v in header.items() if k != "checksum"}
+    return json.dumps(json.loads(json.dumps(body, default=str)), sort_keys=True).encode()
+
+
+def _tensor_bytes(t: torch.Tensor):
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def content_checksum(tensors: Dict[str, torch.Tensor], header: dict, prefix: str = "") -> str:
+    """SHA-256 of the header (but its checksum) and of every tensor whose key starts with ``prefix``
+    (name without the prefix, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256(_canonical(header))
+    for key in sorted(k for k in tensors if k.startswith(prefix)):
+        t = tensors[key]
+        h.update(f"\0{key[len(prefix):]}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return "sha256:" + h.hexdigest()
+
+
+def _z_width(shape: Sequence[int]) -> Optional[int]:
+    """The width ``d_in`` of an input factor stored with ``shape``: a square ``[d, d]`` or a packed
+    triangle ``[d (d + 1) / 2]``; ``None`` for a layout this check does not know (then only the header's
+    shape is checked)."""
+    if len(shape) == 2 and shape[0] == shape[1]:
+        return int(shape[0])
+    if len(shape) == 1:
+        d = int(((8 * shape[0] + 1) ** 0.5 - 1) / 2 + 0.5)
+        return d if d * (d + 1) // 2 == shape[0] else None
+    return None
+
+
+def _is_int(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def check_tensors(tensors: Dict[str, torch.Tensor], header: dict, prefix: str = "") -> None:
+    """:class:`DataError` unless ``tensors`` and ``header`` are what :meth:`FisherStatistics.to_tensors`
+    wrote: the content checksum holds (so no bit of the tensors or counters changed), and the names,
+    shapes (against the header's record of each tensor), dtypes and counters are consistent."""
+    def bad(why: str):
+        raise DataError(why)
+
+    if not isinstance(header, dict):
+        bad("no statistics header")
+    want = header.get("checksum")
+    if not isinstance(want, str):
+        bad("no content checksum")
+    if content_checksum(tensors, header, prefix) != want:
+        bad("content checksum mismatch: the file changed after it was written")
+    modules, groups, mg = header.get("modules"), header.get("groups"), header.get("module_groups")
+    if not (isinstance(modules, list) and all(isinstance(m, str) for m in modules) and len(set(modules)) == len(modules)):
+        bad("module names")
+    if not (isinstance(groups, list) and all(isinstance(g, str) for g in groups) and len(set(groups)) == len(groups)):
+        bad("input group names")
+    if not (isinstance(mg, list) and len(mg) == len(modules) and all(_is_int(i, 0) and i < len(groups) for i in mg)):
+        bad("module groups")
+    n, T = header.get("num_examples"), header.get("num_tokens")
+    if not (_is_int(n, 1) and _is_int(T, 1) and T >= n and _is_int(header.get("num_skipped"), 0)):
+        bad(f"counters: {n!r} examples, {T!r} tokens, {header.get('num_skipped')!r} skipped")
+    if header.get("token_mask") not in TOKEN_MASKS or not isinstance(header.get("output_fisher"), str):
+        bad("token mask or output Fisher")
+    if not isinstance(header.get("meta", {}), dict):
+        bad("meta")
+    shapes, dtypes = header.get("shapes"), header.get("dtypes")
+    if not isinstance(shapes, dict) or not isinstance(dtypes, dict):
+        bad("no record of the tensor shapes")
+    have = {k[len(prefix):]: t for k, t in tensors.items()
+            if k.startswith(prefix)}
+    expected = {f"Z.{i}" for i in range(len(groups))}
+    for i in range(len(modules)):
+        expected |= {f"G.{i}", f"y.{i}"} | ({f"s.{i}"} if f"s.{i}" in have else set())
+    if set(have) != expected or set(shapes) != expected or set(dtypes) != expected:
+        missing, extra = sorted(expected - set(have)), sorted(set(have) - expected)
+        bad(f"tensors {'missing: ' + ', '.join(missing[:3]) if missing else 'not expected: ' + ', '.join(extra[:3])}"
+            if missing or extra else "the header's tensor record")
+    for key, t in have.items():
+        if list(t.shape) != shapes[key] or str(t.dtype).replace("torch.", "") != dtypes[key]:
+            bad(f"tensor {key} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, the header says "
+                f"{dtypes[key]} {shapes[key]}")
+        if not t.dtype.is_floating_point:
+            bad(f"tensor {key} is {t.dtype}, not floating point")
+    width: Dict[int, int] = {}
+    for i, (name, gi) in enumerate(zip(modules, mg)):
+        G, y, s = have[f"G.{i}"], have[f"y.{i}"], have.get(f"s.{i}")
+        if G.dim() != 2 or list(y.shape) != [G.shape[0]]:
+            bad(f"module {name}: gradient {list(G.shape)} and output moment {list(y.shape)} do not fit")
+        if s is not None and list(s.shape) != [n, G.shape[0]]:
+            bad(f"module {name}: sequence sums {list(s.shape)}, expected [{n}, {G.shape[0]}]")
+        if width.setdefault(gi, G.shape[1]) != G.shape[1]:
+            bad(f"input group {groups[gi]}: modules of widths {width[gi]} and {G.shape[1]}")
+    for gi, d in width.items():
+        z = _z_width(shapes[f"Z.{gi}"])
+        if z is not None and z != d:
+            bad(f"input factor of {groups[gi]} is {shapes[f'Z.{gi}']} for modules of width {d}")
 
 
 def first_failing(checks: List[Tuple[str, torch.Tensor]]) -> Optional[str]:

@@ -32,6 +32,7 @@ from .fisher import FisherStatistics, ModuleStatistics
 from .results import LoraDAResult, LoraFactors
 from .statistics.statistics_pass import LossFn
 from .targets import check_lora_config, check_rank_fits, linear_shape, lora_target_names
+from .validate import check_model_loaded, check_not_wrapped
 
 _DEFAULT_TARGETS = LoraDAConfig.__dataclass_fields__["target_modules"].default
 
@@ -148,12 +149,20 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
     (PEFT does not support that conversion with ``use_rslora=True`` combined with ``alpha_pattern``.)
     """
     check_lora_config(lora_config)
+    # Inputs first, before the data pass: a model wrapped already (wrapping it again would reset the
+    # adapter of the PeftModel that shares its modules), weights not loaded, targets, rank.
+    check_not_wrapped(model)
+    check_model_loaded(model)
     names = lora_target_names(model, lora_config)
     cfg = resolve_lora_da_config(lora_config, lora_da_config, names)
     check_rank_fits(model, names, cfg.rank)
     result = run_lora_da(model, examples, cfg, progress=progress, stats=stats, loss_fn=loss_fn)
     peft_model = get_peft_model(model, lora_config)
-    apply_lora_da(peft_model, result, "default", subtract_init=subtract_init)
+    try:
+        apply_lora_da(peft_model, result, "default", subtract_init=subtract_init)
+    except BaseException:
+        peft_model.unload()  # the LoRA layers out again: the model is left as it was given
+        raise
     return peft_model
 
 

@@ -66,7 +66,7 @@ def test_checkpoint_of_other_data_or_config_is_refused(tmp_path):
         collect_statistics(model, ex, cfg, progress=False, checkpoint=ck)
     with open(ck, "wb") as f:
         f.write(b"garbage")
-    with pytest.raises(DataError, match="not a readable"):
+    with pytest.raises(DataError, match="exists and is not a lora_da_fast checkpoint"):
         collect_statistics(model, ex, cfg, progress=False, checkpoint=ck)
 
 

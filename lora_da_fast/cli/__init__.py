@@ -11,16 +11,20 @@ With ``--stats-cache FILE`` the statistics pass checkpoints into ``FILE.partial`
 (bit-identical to an uninterrupted run), and the finished statistics go to ``FILE`` (atomically). A
 ``FILE`` or checkpoint made for another model, data or configuration is refused, naming what differs.
 
-Exit status: 0 success; 2 bad input (one line ``lora-da-fast: error: ...`` on stderr, no traceback;
-every :class:`LoraDAError` is such an error); 1 a failure that is not the input's fault: out of memory
-(one line saying what to lower) or an internal error (one line pointing to a file with the traceback);
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+Exit status: 0 success; 2 bad input or environment (one line ``lora-da-fast: error: ...`` on stderr, no
+traceback; every :class:`LoraDAError` is such an error, and so is a full disk, a quota or a read-only file
+system, whatever library raised it); 1 a failure that is not the input's fault: out of memory (one line
+saying what to lower) or an internal error (one line pointing to a file with the traceback); 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM). Once the adapter is complete, a broken stdout (``| head``,
+a closed stream, ``/dev/full``) gives exit 0 (a reader that stopped) or one line and exit 2, never a
+traceback.
 
 The package: :mod:`.args` (the parser), :mod:`.init` (the command), :mod:`.output` (the output folder),
 :mod:`.stats_cache`, :mod:`.report` (timings, table, summary).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -33,9 +37,10 @@ from importlib import metadata
 from typing import List, Optional
 
 from .. import comm
+from ..builtins import BUILTIN_MODELS, cache_dir
 from ..checkpoint import peek
 from ..errors import LoraDAError, NumericalError
-from ..fileio import dump_json, json_safe
+from ..fileio import disk_problem, dump_json, json_safe, write_error
 from .args import PROG, build_parser
 from .init import RunState, run_init, where
 from .output import REPORT_FILE, write_adapter
@@ -65,6 +70,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+_DTYPE_ADVICE = "overflow in the model's dtype? try --dtype float32"
+
+
 def _explain(exc: LoraDAError, args, state: RunState) -> str:
     """The error's message, with what the user can do when the library's text cannot know it."""
     msg = one_line(exc)
@@ -76,12 +84,17 @@ def _explain(exc: LoraDAError, args, state: RunState) -> str:
                 msg += f" [{where(idx, state.data_lines)}]"
         if "Cholesky" in msg:
             msg += "; raise --max-damping or --damping"
-        if "dtype" in msg and getattr(args, "dtype", None) == "float32":
-            msg += " (already float32: check the model's weights and the data)"
+        if _DTYPE_ADVICE in msg and state.dtype == "float32":  # the advice is what the run already did
+            msg = msg.replace(_DTYPE_ADVICE, "the model already runs in float32: check its weights and these examples")
+        msg = re.sub(r"likely cause: (beta|gamma) = ", r"likely cause: --\1 ", msg)
+    if getattr(exc, "disk", None):
+        msg += _partial_hint(state, "free space, then rerun the same command to resume")
     return msg
 
 
-def _partial_hint(state: RunState) -> str:
+def _partial_hint(state: RunState, advice: str = "rerun the same command to resume") -> str:
+    """Where the statistics pass is checkpointed, if a readable checkpoint is there (else nothing: a
+    resume could not succeed)."""
     path = state.status.get("checkpoint")
     if not path:
         return ""
@@ -92,7 +105,82 @@ def _partial_hint(state: RunState) -> str:
     if not meta:
         return ""
     return (f"; the statistics pass is checkpointed in {path} ({meta['done']} of "
-            f"{state.status.get('examples', '?')} examples done): rerun the same command to resume")
+            f"{state.status.get('examples', '?')} examples done): {advice}")
+
+
+def _disk_message(exc: BaseException, words: str, args, state: RunState) -> str:
+    """One line for a full disk / quota / read-only file system that a library raised in its own way."""
+    path = getattr(exc, "filename", None)
+    phase = state.status.get("phase") or (state.clock.current if state.clock else None)
+    msg = f"{words}" + (f" writing {path}" if path else "") + (f" during {phase}" if phase else "")
+    if phase == "load_model" and getattr(args, "model", None) in BUILTIN_MODELS:
+        msg += (f" (building the built-in model {args.model} in {cache_dir()}): free space there, or set "
+                "LORA_DA_FAST_CACHE to a folder on another disk")
+    else:
+        msg += ": free space on that disk (or make it writable), or write elsewhere"
+    return msg + _partial_hint(state, "free space, then rerun the same command to resume")
+
+
+def _err(line: str) -> None:
+    """One line on stderr, in one write (ranks share stderr); nothing if stderr is closed or broken."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _open_std_fds() -> None:
+    """File descriptors 0-2 closed at the start (``>&-``): open the null device on them, so that no file
+    the run opens takes their number (a library writing to fd 1 would write into it)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                got = os.open(os.devnull, os.O_RDWR)
+                if got != fd:
+                    os.dup2(got, fd)
+                    os.close(got)
+
+
+def _silence(stream) -> None:
+    """Point a broken stream's file descriptor at the null device, so that Python's final flush of what
+    is left in its buffer does not fail again (with a traceback) at exit."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+
+
+def _emit(report: dict, args) -> int:
+    """The report (``--json``) or the summary on stdout, once the adapter is complete. A reader that
+    stopped (``| head``): exit 0; a stream that cannot take it (``/dev/full``): one line, exit 2."""
+    stream = sys.stdout
+    if stream is None or args.quiet and not args.json:  # stdout closed at the start: nothing to show
+        return 0
+    try:
+        if args.json:
+            dump_json(report, stream)
+        else:
+            print_summary(report, stream)
+        stream.flush()
+    except BrokenPipeError:
+        _silence(stream)
+        return 0
+    except (OSError, ValueError) as exc:
+        _silence(stream)
+        _err(f"{PROG}: error: cannot write the {'report' if args.json else 'summary'} to stdout "
+             f"({write_error(exc)}); the adapter is complete: {report.get('adapter')}")
+        return 2
+    return 0
 
 
 def _crash_report(exc: BaseException, argv: List[str]) -> Optional[str]:
@@ -119,6 +207,7 @@ def _crash_report(exc: BaseException, argv: List[str]) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _open_std_fds()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -129,8 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:  # under torchrun (WORLD_SIZE > 1): one process group; gloo for CPU runs
         comm.init_from_env(backend="gloo" if str(args.device).startswith("cpu") else None)
     except Exception as exc:  # noqa: BLE001 - a launcher problem, not the user's data
-        print(f"{PROG}: error: cannot join the torch.distributed process group ({one_line(exc)[:200]})",
-              file=sys.stderr)
+        _err(f"{PROG}: error: cannot join the torch.distributed process group ({one_line(exc)[:200]})")
         return 2
     main_rank = comm.is_main()
     tag = f" (rank {comm.rank()})" if comm.is_active() else ""
@@ -140,29 +228,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         report = run_init(args, state)
     except LoraDAError as exc:
-        sys.stderr.write(f"{PROG}: error{tag}: {_explain(exc, args, state)}\n")  # one write: ranks share stderr
-        sys.stderr.flush()
+        _err(f"{PROG}: error{tag}: {_explain(exc, args, state)}")
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
-        print(f"{PROG}: {what}; no adapter was written{_partial_hint(state)}", file=sys.stderr)
+        _err(f"{PROG}: {what}; no adapter was written{_partial_hint(state)}")
         return 143 if isinstance(exc, _Terminated) else 130
     except Exception as exc:  # noqa: BLE001 - a bug, or a failure we did not foresee
+        words = disk_problem(exc)
+        if words:  # a full disk raised by a library in its own way (safetensors, transformers...)
+            _err(f"{PROG}: error{tag}: {_disk_message(exc, words, args, state)}")
+            return 2
         if _is_out_of_memory(exc):
             phase = state.status.get("phase") or (state.clock.current if state.clock else None)
-            print(f"{PROG}: error: out of memory{f' during {phase}' if phase else ''} ({one_line(exc)[:200]}): "
-                  f"lower --batch-size (now {args.batch_size}) or --max-length (now {args.max_length}), adapt "
-                  f"fewer modules (--target-modules), or use a device with more memory{_partial_hint(state)}",
-                  file=sys.stderr)
+            _err(f"{PROG}: error: out of memory{f' during {phase}' if phase else ''} ({one_line(exc)[:200]}): "
+                 f"lower --batch-size (now {args.batch_size}) or --max-length (now {args.max_length}), adapt "
+                 f"fewer modules (--target-modules), or use a device with more memory{_partial_hint(state)}")
             return 1
         path = _crash_report(exc, argv)
         tb = traceback.extract_tb(exc.__traceback__)
         at = f" at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else ""
-        if path is None:
-            traceback.print_exc()
+        if path is None and sys.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                traceback.print_exc()
         where = f"the traceback is in {path}" if path else "the traceback is above"
-        print(f"{PROG}: internal error: {type(exc).__name__}{at}: {one_line(exc)[:300]} ({where}; please report "
-              f"it with that file){_partial_hint(state)}", file=sys.stderr)
+        _err(f"{PROG}: internal error: {type(exc).__name__}{at}: {one_line(exc)[:300]} ({where}; please report "
+             f"it with that file){_partial_hint(state)}")
         return 1
     finally:
         if old_term is not None:
@@ -170,11 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         comm.shutdown()
     if not main_rank:
         return 0
-    if args.json:
-        dump_json(report, sys.stdout)
-    elif not args.quiet:
-        print_summary(report)
-    return 0
+    return _emit(report, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,6 +40,19 @@ def _number(kind, allow_zero: bool = False):
     return parse
 
 
+SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX}, got {text!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX} (2**64 - 1), got {text!r}")
+    return v
+
+
 def _layers_per_pass(text: str):
     return "auto" if text == "auto" else _number(int)(text)
 
@@ -110,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--max-damping", type=_positive_float, default=1.0,
                     help="when a Cholesky factorisation fails the damping is raised tenfold, up to this bound; "
                          "the damping used is in the table and the report (default: %(default)s)")
-    da.add_argument("--seed", type=int, default=0,
+    da.add_argument("--seed", type=_seed, default=0,
                     help="seed of the iterative eigensolver's start vectors; the subspace does not depend on it "
                          "(default: %(default)s)")
     rt = p.add_argument_group("runtime")

@@ -5,6 +5,7 @@ import contextlib
 import glob
 import os
 import random
+import re
 import sys
 import warnings
 from typing import List, Optional
@@ -15,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from .. import comm
 from ..builtins import check_model_folder, load_model, load_records, records_to_examples
+from ..checkpoint import is_checkpoint_file
 from ..config import LoraDAConfig
 from ..data import IGNORE_INDEX
 from ..engine import fingerprint, run_lora_da, select_statistics
@@ -22,6 +24,7 @@ from ..errors import ConfigError, DataError, LoraDAError, TargetError
 from ..fileio import write_json_atomic
 from ..peft_integration import apply_lora_da, resolve_lora_da_config
 from ..targets import check_rank_fits, lora_target_names, parse_target_modules
+from ..validate import embedding_rows, position_limit
 from ..version import __version__
 from .args import PROG
 from .output import REPORT_FILE, check_out, remove_stale_temporaries, write_adapter
@@ -36,6 +39,7 @@ class RunState:
         self.clock: Optional[Clock] = None
         self.status: dict = {}  # the engine's: "checkpoint" (this rank's file), "examples" (this rank's)
         self.data_lines: Optional[List[int]] = None  # --data line of each calibration example
+        self.dtype: Optional[str] = None  # the model's dtype once loaded ("float32", ...)
 
 
 def subsample_indices(total: int, n: int, seed: int = 0) -> List[int]:
@@ -60,12 +64,12 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _check_out_everywhere(out: str, overwrite: bool) -> None:
+def _check_out_everywhere(out: str, overwrite: bool, inputs: dict) -> None:
     """Rank 0 checks ``--out``; every rank gets the verdict."""
     problem = None
     if comm.is_main():
         try:
-            check_out(out, overwrite)
+            check_out(out, overwrite, inputs)
         except LoraDAError as exc:
             problem = str(exc)
     problem = comm.broadcast_from_main(problem)
@@ -83,6 +87,43 @@ def _lora_da_config(args, population) -> LoraDAConfig:
         raise ConfigError(f"invalid LoRA-DA settings: {exc}") from None
 
 
+def _inputs(args, stats_cache: Optional[str]) -> dict:
+    """The run's own input paths (``{option: path}``), which ``--out`` must not hold."""
+    out = {}
+    if os.path.exists(args.data):
+        out["--data"] = args.data
+    if os.path.isdir(args.model):
+        out["--model"] = args.model
+    if stats_cache:
+        out["--stats-cache"] = stats_cache
+        out["--stats-cache checkpoint"] = stats_cache + PARTIAL_SUFFIX
+    return out
+
+
+def _check_device(device: str) -> None:
+    """``--device meta`` (or another device that holds no data) is refused before any work."""
+    kind = str(device).split(":")[0].strip().lower()
+    if kind == "meta":
+        raise ConfigError("--device meta holds no data (the model could not run): use auto, cpu, cuda or cuda:N")
+
+
+def _check_fit(model, examples, args, state: RunState) -> None:
+    """Token ids inside the model's embedding and examples within its learned positions, before the pass
+    (else an IndexError, or a CUDA device-side assert, in the middle of it)."""
+    rows, limit = embedding_rows(model), position_limit(model)
+    for i, e in enumerate(examples):
+        ids = e["input_ids"]
+        if rows is not None and ids.numel() and (int(ids.max()) >= rows or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= rows else int(ids.min())
+            raise ConfigError(f"--model {args.model}: its tokenizer gives token id {bad} ({where([i], state.data_lines)}) "
+                              f"but its embedding has {rows} rows (ids 0 to {rows - 1}): the tokenizer does not match "
+                              "the model")
+        if limit is not None and ids.shape[-1] > limit:
+            raise ConfigError(f"--max-length {args.max_length} is beyond the model's {limit} positions "
+                              f"(max_position_embeddings of --model {args.model}; {where([i], state.data_lines)} has "
+                              f"{ids.shape[-1]} tokens): use --max-length {limit} or less")
+
+
 def run_init(args, state: Optional[RunState] = None) -> dict:
     """The ``init`` command; returns the report (also written to ``DIR/lora_da_report.json``)."""
     state = state if state is not None else RunState()
@@ -94,15 +135,16 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
 
     # Everything cheap is checked before loading data or a model.
     out = os.path.abspath(args.out)
-    _check_out_everywhere(out, args.overwrite)
+    stats_cache = os.path.abspath(args.stats_cache) if args.stats_cache else None
+    _check_device(args.device)
+    _check_out_everywhere(out, args.overwrite, _inputs(args, stats_cache))
     targets = parse_target_modules(args.target_modules)
     if args.max_length < 2:
         raise ConfigError("--max-length must be at least 2 (one token has no next-token target)")
-    stats_cache = os.path.abspath(args.stats_cache) if args.stats_cache else None
     if stats_cache:
-        check_stats_cache(stats_cache)
+        check_stats_cache(stats_cache, args.data)
     if comm.is_main():
-        remove_stale_temporaries(out, stats_cache)
+        remove_stale_temporaries(out, stats_cache, say)
     _lora_da_config(args, args.population_size)
     check_model_folder(args.model)
 
@@ -124,6 +166,7 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
         model, tokenizer, model_folder = load_model(args.model, args.dtype, args.device, log=say,
                                                     device_map=args.device_map)
     device = next(model.parameters()).device
+    state.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     try:
         names = lora_target_names(model, lora_config)
     except TargetError as exc:
@@ -145,6 +188,7 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
     if empty and say:
         say(f"{len(empty)} of {len(examples)} examples have no label token (empty, or the prompt fills "
             f"--max-length): skipped ({where(empty, state.data_lines)})")
+    _check_fit(model, examples, args, state)
 
     stats, verified, run_kw = None, None, {}
     if stats_cache:
@@ -181,7 +225,7 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
         if say:
             say(f"statistics saved to {stats_cache}")
         for other in glob.glob(glob.escape(stats_cache + PARTIAL_SUFFIX) + ".rank*"):  # other rank counts
-            if ".tmp-" not in other:
+            if re.fullmatch(r"\.rank\d+", other[len(stats_cache + PARTIAL_SUFFIX):]) and is_checkpoint_file(other):
                 with contextlib.suppress(OSError):
                     os.remove(other)
     if not comm.is_main():
@@ -221,9 +265,11 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
         "modules": {name: dict(rep.to_dict(), rank=cfg.rank) for name, rep in result.reports.items()},
     }
     with clock.phase("save"):
-        write_adapter(peft_model, report, out)
-    # The save is timed after the rename: rewrite the report (atomically) with it.
+        write_adapter(peft_model, report, out, overwrite=args.overwrite)
+    # The save is timed after the rename: rewrite the report (atomically) with it. The adapter is complete
+    # already (its report lacks only this time): a failure here is not worth an error.
     report["wall_time_s"] = clock.total()
-    write_json_atomic(os.path.join(out, REPORT_FILE), report)
+    with contextlib.suppress(LoraDAError):
+        write_json_atomic(os.path.join(out, REPORT_FILE), report, "the report")
     return report
 

@@ -4,11 +4,11 @@ settings (checked by fingerprint, naming what differs), else the pass runs check
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
-from ..checkpoint import differing, peek
+from ..checkpoint import differing, is_checkpoint_file
 from ..errors import ConfigError, DataError, NumericalError
-from ..fisher import FisherStatistics, check_finite
+from ..fisher import FisherStatistics, check_finite, is_statistics_file
 
 PARTIAL_SUFFIX = ".partial"
 # Fingerprint parts a finished statistics file must share with the run that reuses it; targets and
@@ -21,13 +21,30 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def check_stats_cache(path: str) -> None:
-    """``--stats-cache``: a file path in an existing, writable folder (checked before any work)."""
+def check_stats_cache(path: str, data: Optional[str] = None) -> None:
+    """``--stats-cache``: a file path in a writable folder (created if missing, as ``--out``'s), not the
+    ``--data`` file, and, when it exists, a statistics file (never a user's other file: the run would
+    overwrite it). Checked before any work."""
     if os.path.isdir(path):
         raise ConfigError(f"--stats-cache {path} is a folder; give a file path")
+    if data and os.path.exists(data) and os.path.exists(path) and os.path.samefile(path, data):
+        raise ConfigError(f"--stats-cache {path} is the --data file: give another path for the statistics")
+    if path.endswith(PARTIAL_SUFFIX) and is_checkpoint_file(path):
+        raise ConfigError(f"--stats-cache {path} is the checkpoint of an unfinished pass: give --stats-cache "
+                          f"{path[:-len(PARTIAL_SUFFIX)]} to resume it")
+    if os.path.isfile(path) and not is_statistics_file(path):
+        raise ConfigError(f"--stats-cache {path} exists and is not a lora_da_fast statistics file (it holds "
+                          "something else, left as it is): give a new path for the statistics")
     parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--stats-cache {path}: the folder {parent} does not exist")
+    up = parent
+    while up and not os.path.lexists(up):
+        up = os.path.dirname(up) if os.path.dirname(up) != up else ""
+    if up and not os.path.isdir(up):
+        raise ConfigError(f"--stats-cache {path}: {up} is not a folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--stats-cache {path}: cannot create the folder {parent} ({exc.strerror or exc})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--stats-cache {path}: the folder {parent} is not writable")
 
@@ -36,19 +53,10 @@ def load_stats_cache(path: str, want: Dict[str, str], say) -> Tuple[object, bool
     """The finished statistics in ``path`` if their fingerprint matches ``want`` (the parts of
     :data:`CACHE_PARTS`); :class:`ConfigError` naming what differs otherwise. Returns ``(stats,
     verified)``: a file without a fingerprint (saved through the Python API) is used as is."""
-    if path.endswith(PARTIAL_SUFFIX):
-        try:
-            is_checkpoint = peek(path) is not None
-        except DataError:
-            is_checkpoint = False
-        if is_checkpoint:
-            raise ConfigError(f"--stats-cache {path} is the checkpoint of an unfinished pass: give --stats-cache "
-                              f"{path[:-len(PARTIAL_SUFFIX)]} to resume it")
     try:
         stats = FisherStatistics.load(path)
-    except (DataError, KeyError, IndexError, TypeError) as exc:  # KeyError...: a file with a damaged header
-        why = one_line(exc) if isinstance(exc, DataError) else f"a damaged statistics file ({type(exc).__name__})"
-        raise ConfigError(f"--stats-cache {path}: {why}; delete it to run the statistics pass again") from None
+    except DataError as exc:  # damaged ("delete FILE and rerun"), or not a statistics file (left alone)
+        raise DataError(f"--stats-cache {one_line(exc)}") from None
     try:  # a file edited or written by other code: the solver expects finite numbers
         check_finite(stats)
     except NumericalError as exc:
