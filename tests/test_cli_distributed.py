@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from lora_da_fast import checkpoint as ckpt
+
 from .helpers import rel_err
 from .test_cli import TEXTS, adapter_tensors, base_args
 from .tolerances import TOL
@@ -93,13 +95,15 @@ def test_torchrun_statistics_cache_is_shared_with_one_process(tmp_path):
     env = dict(os.environ, LORA_DA_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     data = _calibration_file(tmp_path)
     cache = tmp_path / "stats.safetensors"
-    # a checkpoint left by an earlier run with more ranks: removed once FILE is written
-    (tmp_path / "stats.safetensors.partial.rank5").write_bytes(b"stale")
+    # a checkpoint left by an earlier run with more ranks: removed once FILE is written (recognised as one of
+    # ours by its header: a user's file of that name would stay)
+    ckpt.write(str(tmp_path / "stats.safetensors.partial.rank5"), None, {"data": "another shard"}, 0, 0, None)
+    (tmp_path / "stats.safetensors.partial.rank5.notes").write_text("the user's")
     made = _torchrun(base_args(str(data), tmp_path / "two", "--stats-cache", str(cache), *TARGETS), env, tmp_path)
     assert made.returncode == 0, made.stderr[-2000:]
     assert "statistics saved to" in made.stderr
     assert cache.is_file()
-    assert not [f for f in os.listdir(tmp_path) if ".partial" in f or ".tmp-" in f], os.listdir(tmp_path)
+    assert [f for f in os.listdir(tmp_path) if ".partial" in f or ".tmp-" in f] == ["stats.safetensors.partial.rank5.notes"]
     one = subprocess.run([sys.executable, "-m", "lora_da_fast", *base_args(str(data), tmp_path / "one",
                                                                            "--stats-cache", str(cache), *TARGETS)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
