@@ -117,7 +117,7 @@ def solve_lobpcg10(stats: FisherStatistics, cfg: LoraDAConfig, niter: int = 10) 
     for group, names in stats.groups().items():
         if not names:
             continue
-        L, _ = cholesky_with_retry(stats.Z[group].double(), cfg.damping, cfg.max_damping, group)
+        L, _ = cholesky_with_retry(stats.dense_Z(group, torch.float64), cfg.damping, cfg.max_damping, group)
         Zinv = torch.cholesky_inverse(L) if cfg.beta > 0 else None
         for name in names:
             st = stats.modules[name]

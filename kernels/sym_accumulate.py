@@ -1,10 +1,15 @@
-"""Masked symmetric accumulation ``Z += X_S^T X_S``: only the upper-triangle tiles of ``Z`` are computed.
+"""Masked symmetric accumulation ``Z += X_S^T X_S`` into the packed upper triangle of ``Z``: only the
+upper-triangle tiles are computed, and only the upper-triangle entries are stored.
 
 Launcher, autotuning and the reset-between-trials strategy: :func:`lora_da_fast.ops.sym_accumulate`.
 
 Work decomposition:
 - ``Z`` (``D x D``) is cut into square ``BLOCK x BLOCK`` tiles; only tiles ``(ti, tj)`` with ``ti <= tj``
-  are computed (the diagonal tiles in full). The caller mirrors the upper triangle once at the end.
+  are computed (the diagonal tiles in full, their strict lower part masked at the store).
+- ``Z`` is stored packed (``lora_da_fast.triangle``): ``D (D + 1) / 2`` fp32 entries, row ``i`` holding
+  ``Z[i, i:]``, entry ``(i, j)`` at ``i D - i (i - 1) / 2 + j - i``. A tile's row segment is contiguous
+  there, so the tile's loads, stores and atomics stay coalesced along ``j``; nothing of the strict lower
+  triangle exists in memory (half the bytes of a square accumulator).
 - For L2 reuse the tiles are visited in super-tiles of ``group x group`` tiles (``group = min(GROUP,
   tiles per side)``); the super-tiles of the upper super-triangle are numbered column by column, and
   within a super-tile the programs go row by row. Programs that land below the diagonal of a diagonal
@@ -22,7 +27,7 @@ import triton.language as tl
 
 @triton.jit
 def _sym_accumulate_kernel(
-    z_ptr, stride_zr, stride_zc,
+    z_ptr,
     x_ptr, stride_xn, stride_xd,
     mask_ptr,
     N, D,
@@ -82,8 +87,10 @@ def _sym_accumulate_kernel(
         # use INPUT_PRECISION="ieee" (exact fp32 FMA) unless the caller explicitly asked for tf32.
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
 
-    z_ptrs = z_ptr + offs_i[:, None] * stride_zr + offs_j[None, :] * stride_zc
-    z_mask = col_i[:, None] & col_j[None, :]
+    # packed upper triangle: row i starts at i D - i (i - 1) / 2 (int64: D^2 / 2 overflows 32 bits at D > 65k)
+    row_start = offs_i * D - offs_i * (offs_i - 1) // 2
+    z_ptrs = z_ptr + row_start[:, None] + (offs_j[None, :] - offs_i[:, None])
+    z_mask = col_i[:, None] & col_j[None, :] & (offs_j[None, :] >= offs_i[:, None])
     if num_splits == 1:
         tl.store(z_ptrs, tl.load(z_ptrs, mask=z_mask, other=0.0) + acc, mask=z_mask)
     else:

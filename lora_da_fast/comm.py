@@ -294,22 +294,6 @@ def flat_pieces(t: torch.Tensor, cap: int) -> List[Piece]:
     return out
 
 
-def upper_pieces(Z: torch.Tensor, cap: int) -> List[Piece]:
-    """The upper triangle of square ``Z`` (diagonal included), packed row-major, in blocks of rows of
-    at most about ``cap`` elements. Only these ``d (d + 1) / 2`` entries are sent; the lower triangle
-    of ``Z`` is left as it is (the caller mirrors the upper one)."""
-    d = Z.shape[0]
-    rows = max(1, min(d, cap // max(d, 1)))
-    out = []
-    for i0 in range(0, d, rows):
-        i1 = min(d, i0 + rows)
-        rect = Z[i0:i1, i0:]  # rows i0..i1, columns from the diagonal of row i0 on
-        mask = torch.ones(i1 - i0, d - i0, dtype=torch.bool, device=Z.device).triu()
-        n = int((i1 - i0) * (d - i0) - (i1 - i0) * (i1 - i0 - 1) // 2)
-        out.append(Piece(n, (lambda r=rect, m=mask: r[m]), (lambda x, r=rect, m=mask: r.masked_scatter_(m, x.to(r.device)))))
-    return out
-
-
 def buckets(pieces: Sequence[Piece], cap: int) -> Iterator[List[Piece]]:
     bucket, size = [], 0
     for p in pieces:

@@ -1,6 +1,8 @@
 """The statistics of a LoRA-DA run (docs/algorithm.md, "Statistics"): per module the mean gradient ``G``
-and the output moment ``y``, per input group the input factor ``Z``, and the counts. Saved to and loaded
-from one safetensors file; independent of rank, beta and gamma, so one file serves many solves."""
+and the output moment ``y``, per input group the input factor ``Z`` (kept as its packed upper triangle,
+:mod:`lora_da_fast.triangle`: half the bytes of the square matrix; :meth:`FisherStatistics.dense_Z` expands
+one group), and the counts. Saved to and loaded from one safetensors file; independent of rank, beta and
+gamma, so one file serves many solves."""
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +18,9 @@ from safetensors.torch import save_file
 
 from .errors import DataError, NumericalError
 from .fileio import write_atomic
+from .triangle import pack_symmetric, packed_dim, unpack_symmetric
 
-FORMAT_VERSION = 2  # 2: content checksum and tensor shapes in the header
+FORMAT_VERSION = 3  # 2: content checksum and tensor shapes in the header; 3: Z packed (upper triangle)
 _HEADER_KEY = "lora_da_fast"
 TOKEN_MASKS = ("attention", "labels")
 
@@ -45,13 +48,29 @@ class FisherStatistics:
     """Everything the solver needs; independent of rank, beta, gamma (rerun the solver without data)."""
 
     modules: Dict[str, ModuleStatistics]
-    Z: Dict[str, torch.Tensor]  # group -> [d_in, d_in] fp32 symmetric, (1/T) sum x x^T
+    # group -> (1/T) sum x x^T, fp32, its upper triangle packed row by row: [d_in (d_in + 1) / 2]
+    # (lora_da_fast.triangle). A square matrix given here is stored as its packed symmetric part.
+    Z: Dict[str, torch.Tensor]
     num_examples: int  # n: examples with at least one label token
     num_tokens: int  # T: selected tokens (token_mask)
     num_skipped: int = 0  # examples without any label token
     token_mask: str = "attention"
     output_fisher: str = "diagonal"
     meta: Dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.Z = {g: _packed(g, z) for g, z in self.Z.items()}
+
+    def z_dim(self, group: str) -> int:
+        """``d_in`` of the input group ``group``."""
+        return packed_dim(self.Z[group].shape[-1])
+
+    def dense_Z(self, group: str, dtype: Optional[torch.dtype] = None, device=None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The dense symmetric ``d_in x d_in`` input factor of ``group``, in ``dtype`` on ``device`` (those
+        of the statistics by default), or written into ``out``: what the solvers factorise, one group (or
+        one stack) at a time. Mirrored entries equal the stored ones bit for bit."""
+        return unpack_symmetric(self.Z[group], dtype, device, out)
 
     def groups(self) -> Dict[str, List[str]]:
         """Input group -> names of the modules sharing it, in module order."""
@@ -293,6 +312,19 @@ def check_tensors(tensors: Dict[str, torch.Tensor], header: dict, prefix: str = 
         z = _z_width(shapes[f"Z.{gi}"])
         if z is not None and z != d:
             bad(f"input factor of {groups[gi]} is {shapes[f'Z.{gi}']} for modules of width {d}")
+
+
+def _packed(group: str, z: torch.Tensor) -> torch.Tensor:
+    """An input factor as a packed triangle: kept if it is one, packed from its symmetric part if square."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"the input factor Z of group {group} must be a tensor, got {type(z).__name__}")
+    if z.dim() == 2 and z.shape[0] == z.shape[1]:
+        return pack_symmetric(z)
+    if z.dim() != 1:
+        raise ValueError(f"the input factor Z of group {group} must be a packed triangle [d (d + 1) / 2] or a "
+                         f"square matrix, got shape {tuple(z.shape)}")
+    packed_dim(z.shape[0])  # ValueError if not a triangle's size
+    return z
 
 
 def first_failing(checks: List[Tuple[str, torch.Tensor]]) -> Optional[str]:

@@ -12,6 +12,7 @@ from lora_da_fast.solve.batched import (SOLVER_DENSE, SOLVER_FALLBACK, SOLVER_IT
                                          _plan_chunks, cholesky_stack, solve_batched)
 from lora_da_fast.errors import ConfigError, NumericalError
 from lora_da_fast.solve import solve_reference
+from lora_da_fast.triangle import pack_upper
 
 from .helpers import random_examples, rel_err, tiny_llama
 from .tolerances import TOL
@@ -274,7 +275,7 @@ def test_damping_retry_through_the_solver_matches_the_reference():
     stats = synthetic(10, "well", layout=((160, (96,)), (160, (96,))))
     gen = torch.Generator().manual_seed(10)
     v = torch.randn(160, 4, generator=gen)
-    stats.Z["g1"] = v @ v.T - 1e-3 * torch.eye(160)  # indefinite: damping raised to 1e-2
+    stats.Z["g1"] = pack_upper(v @ v.T - 1e-3 * torch.eye(160))  # indefinite: damping raised to 1e-2
     cfg = LoraDAConfig(rank=4, population_size=1000)
     got, ref, _ = check_against_reference(stats, cfg)
     rep = got.reports["g1.m0"]

@@ -26,6 +26,7 @@ from lora_da_fast.solve.steps import output_inverse
 from lora_da_fast.data import prepare_examples
 from lora_da_fast.fisher import FisherStatistics, ModuleStatistics
 from lora_da_fast.statistics import StatisticsPass, run_pass
+from lora_da_fast.triangle import pack_upper, packed_size
 
 from .helpers import random_examples, rel_err, tiny_llama
 from .tolerances import TOL
@@ -130,7 +131,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         # it passes the up-front checks on every rank, but no damping up to max_damping=1 factorises it).
         bad = FisherStatistics.load(os.path.join(tmp, "even_stats.safetensors"))
         g = out["plan"][1][0]
-        bad.Z[g] = -10.0 * torch.eye(bad.Z[g].shape[0])
+        bad.Z[g] = pack_upper(-10.0 * torch.eye(bad.z_dim(g)))
         out["fail_solve"] = _fake_cli(lambda: dict(solve_lora_da(bad, cfg)), tmp)
 
         # A rank failing mid-pass, reported through distributed.guard: every rank raises, nothing is
@@ -221,7 +222,7 @@ def test_data_parallel_statistics_equal_single_process(run, scenario):
         assert (got["n"], got["T"], got["skipped"]) == (ref.num_examples, ref.num_tokens, ref.num_skipped), rank
         for g, z in ref.Z.items():
             assert rel_err(got["Z"][g], z) < tol, (rank, g)
-            assert torch.equal(got["Z"][g], got["Z"][g].T), (rank, g)  # mirrored from the reduced triangle
+            assert got["Z"][g].dim() == 1 and got["Z"][g].shape == z.shape, (rank, g)  # reduced as packed
         for name, st in ref.modules.items():
             assert rel_err(got["G"][name], st.G) < tol, (rank, name)
             assert rel_err(got["y"][name], st.y) < tol, (rank, name)
@@ -320,23 +321,6 @@ def test_failing_rank_inside_collect_statistics_fails_every_rank(run):
 # Single-process pieces
 
 
-@pytest.mark.parametrize("d,cap", [(1, 1), (5, 3), (32, 256), (33, 64), (7, 1000)])
-def test_upper_triangle_pieces_round_trip(d, cap):
-    Z = torch.randn(d, d)
-    pieces = comm.upper_pieces(Z, cap)
-    packed = torch.cat([p.read() for p in pieces])
-    assert packed.numel() == d * (d + 1) // 2 == sum(p.numel for p in pieces)
-    assert torch.equal(packed, Z[torch.triu_indices(d, d).unbind()])  # row-major upper triangle
-    assert all(p.numel <= max(cap, d) for p in pieces)
-    W = torch.full((d, d), 7.0)
-    off = 0
-    for p in comm.upper_pieces(W, cap):
-        p.write(packed[off:off + p.numel])
-        off += p.numel
-    assert torch.equal(torch.triu(W), torch.triu(Z))
-    assert torch.equal(torch.tril(W, -1), torch.tril(torch.full((d, d), 7.0), -1))  # lower left alone
-
-
 def test_buckets_respect_the_cap():
     pieces = comm.flat_pieces(torch.zeros(10, 10), 30) + comm.flat_pieces(torch.zeros(7), 30)
     sizes = [sum(p.numel for p in b) for b in comm.buckets(pieces, 30)]
@@ -356,7 +340,7 @@ def _meta_stats(layers: int, hidden: int, mlp: int, kv: int) -> FisherStatistics
                 "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
         for k, (d_out, d_in) in shapes.items():
             g = f"{p}.{lead[k]}"
-            Z.setdefault(g, torch.empty(d_in, d_in, device="meta"))
+            Z.setdefault(g, torch.empty(packed_size(d_in), device="meta"))
             modules[f"{p}.{k}"] = ModuleStatistics(g, torch.empty(d_out, d_in, device="meta"),
                                                    torch.empty(d_out, device="meta"))
     return FisherStatistics(modules, Z, 256, 256 * 1024)
@@ -430,8 +414,8 @@ def test_model_dispatched_by_accelerate_gives_the_same_statistics():
 
 
 # --------------------------------------------------------------------------------------------------
-# On a CUDA machine: the same with the model on the GPU (Triton accumulators fill only the upper
-# triangle of Z, which is all the all-reduce sends), with a model split between the GPU and the CPU by
+# On a CUDA machine: the same with the model on the GPU (Triton accumulators: packed triangles of Z,
+# which the all-reduce sends as they are), with a model split between the GPU and the CPU by
 # accelerate, and the sharded solve with statistics on the GPU.
 
 GPU_DATA = dict(n=9, seed=7)

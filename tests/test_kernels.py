@@ -3,8 +3,9 @@
 Three-way check: each op's error against float64 (computed from the same, already rounded inputs) must
 be within ``kernel_vs_torch_factor`` of the torch reference's own error, plus the fp32 accumulation
 floor. Accumulators start from random values (the ops add into them) so that an element the kernel
-fails to write shows up as an O(1) error; ``Z``'s strict lower triangle starts as NaN (only the upper
-triangle is defined) and every accumulator sits between NaN guard bands that must stay untouched.
+fails to write shows up as an O(1) error; ``Z`` is the packed upper triangle (lora_da_fast.triangle), so
+an entry written at the wrong place shows up the same way, and every accumulator sits between NaN guard
+bands that must stay untouched.
 
 Without CUDA the kernels run under the Triton interpreter (tests/conftest.py): fp32 and fp16, small
 shapes. bf16, large shapes and autotuning are GPU-marked.
@@ -16,6 +17,7 @@ import torch
 
 from lora_da_fast import LoraDAConfig, collect_statistics
 from lora_da_fast.ops import reference, triton_ops
+from lora_da_fast.triangle import pack_upper, packed_size
 from tests.helpers import random_examples, rel_err, tiny_llama
 from tests.tolerances import TOL
 
@@ -73,22 +75,17 @@ def run_sym(n, d, dtype, mask_p, seed=0, x_view=False):
     else:
         x = torch.randn(n, d, generator=gen).to(dtype)
     mask = random_mask(n, mask_p, gen, device="cpu")
-    z0 = torch.randn(d, d, generator=gen)
-    lower = torch.ones(d, d, dtype=torch.bool).tril(-1)
-    z0_poisoned = z0.masked_fill(lower, float("nan"))
+    z0 = torch.randn(packed_size(d), generator=gen)  # packed upper triangle
 
     xs = x.double() if mask is None else x.double()[mask]
-    exact = torch.triu(z0.double() + xs.T @ xs)
+    exact = z0.double() + pack_upper(xs.T @ xs)
     z_torch = z0.clone()
     reference.sym_accumulate(z_torch, x, mask)
 
-    Z, buf = guarded((d, d), z0_poisoned)
+    Z, buf = guarded((packed_size(d),), z0)
     triton_ops.sym_accumulate(Z, x.to(DEVICE), None if mask is None else mask.to(DEVICE))
     assert_guards(buf)
-    upper = torch.triu(torch.nan_to_num(Z.cpu(), nan=1e30))  # triu drops the lower part only
-    assert torch.isfinite(torch.triu(Z.cpu()).nan_to_num(posinf=0.0)).all()
-    assert not torch.isnan(Z.cpu()[~lower]).any(), "upper triangle not fully written (NaN left)"
-    return upper, torch.triu(z_torch), exact, (z0, mask)
+    return Z.cpu(), z_torch, exact, (z0, mask)
 
 
 SYM_CASES = [
@@ -106,7 +103,7 @@ SYM_CASES = [
 def test_sym_accumulate_three_way(n, d, p, dtype):
     out, torch_out, exact, (z0, mask) = run_sym(n, d, dtype, p)
     if p == 0.0:  # nothing selected: the accumulator is unchanged
-        assert torch.equal(out, torch.triu(z0))
+        assert torch.equal(out, z0) and torch.equal(torch_out, z0)
         return
     assert_three_way(out, torch_out, exact, f"Z {dtype} n={n} d={d}")
 
@@ -234,17 +231,19 @@ def test_grad_stats_mixed_dtypes_promote():
 def test_argument_errors():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="shape"):
-        triton_ops.sym_accumulate(torch.zeros(4, 4), x)
+        triton_ops.sym_accumulate(torch.zeros(3, 3), x)  # a square accumulator: packed only
+    with pytest.raises(ValueError, match="packed"):
+        reference.sym_accumulate(torch.zeros(3, 3), x)
     with pytest.raises(TypeError, match="float32"):
-        triton_ops.sym_accumulate(torch.zeros(3, 3, dtype=torch.float64), x)
+        triton_ops.sym_accumulate(torch.zeros(6, dtype=torch.float64), x)
     with pytest.raises(TypeError, match="bool"):
-        triton_ops.sym_accumulate(torch.zeros(3, 3), x, torch.ones(4, dtype=torch.long))
+        triton_ops.sym_accumulate(torch.zeros(6), x, torch.ones(4, dtype=torch.long))
     with pytest.raises(ValueError, match="rows"):
-        triton_ops.sym_accumulate(torch.zeros(3, 3), x, torch.ones(5, dtype=torch.bool))
+        triton_ops.sym_accumulate(torch.zeros(6), x, torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="contiguous"):
-        triton_ops.sym_accumulate(torch.zeros(3, 3).T, x)
+        triton_ops.sym_accumulate(torch.zeros(12)[::2], x)
     with pytest.raises(TypeError, match="bf16"):
-        triton_ops.sym_accumulate(torch.zeros(3, 3), x.long())
+        triton_ops.sym_accumulate(torch.zeros(6), x.long())
     G, y = torch.zeros(2, 3), torch.zeros(2)
     with pytest.raises(ValueError, match="rows"):
         triton_ops.grad_stats(G, y, torch.randn(5, 2), x)
@@ -253,16 +252,16 @@ def test_argument_errors():
 
 
 def test_empty_inputs_are_no_ops():
-    Z = torch.ones(3, 3)
+    Z = torch.ones(6)
     triton_ops.sym_accumulate(Z, torch.zeros(0, 3))
     G, y = torch.ones(2, 3), torch.ones(2)
     triton_ops.grad_stats(G, y, torch.zeros(0, 2), torch.zeros(0, 3))
-    assert torch.equal(Z, torch.ones(3, 3)) and torch.equal(G, torch.ones(2, 3)) and torch.equal(y, torch.ones(2))
+    assert torch.equal(Z, torch.ones(6)) and torch.equal(G, torch.ones(2, 3)) and torch.equal(y, torch.ones(2))
 
 
 def test_float64_inputs_take_the_reference_path():
     x = torch.randn(7, 5, dtype=torch.float64)
-    Z, Zr = torch.zeros(5, 5), torch.zeros(5, 5)
+    Z, Zr = torch.zeros(15), torch.zeros(15)
     triton_ops.sym_accumulate(Z, x)
     reference.sym_accumulate(Zr, x)
     assert torch.equal(Z, Zr)

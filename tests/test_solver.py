@@ -6,6 +6,7 @@ import torch
 from lora_da_fast import FisherStatistics, LoraDAConfig, ModuleStatistics, collect_statistics, solve_lora_da
 from lora_da_fast.errors import ConfigError, NumericalError, TargetError
 from lora_da_fast.solve import solve_reference
+from lora_da_fast.triangle import pack_upper
 
 from .helpers import brute_force_statistics, random_examples, rel_err, tiny_llama
 from .tolerances import TOL
@@ -62,7 +63,7 @@ def test_reference_matches_numpy(beta, seq, spectrum):
                        output_fisher=stats.output_fisher)
     res = solve_lora_da(stats, cfg)
     for name, st in stats.modules.items():
-        want, w = numpy_lora_da(stats.Z["g"], st.G, st.y, 4, 1000, beta,
+        want, w = numpy_lora_da(stats.dense_Z("g"), st.G, st.y, 4, 1000, beta,
                                 seq=None if st.seq_sums is None else st.seq_sums.double().numpy())
         f = res[name]
         assert f.lora_A.shape == (4, st.d_in) and f.lora_B.shape == (st.d_out, 4)
@@ -79,7 +80,7 @@ def test_beta_zero_is_truncated_svd_of_D():
     stats = synthetic_stats(gen)
     cfg = LoraDAConfig(rank=3, beta=0.0, solver="reference")
     res = solve_lora_da(stats, cfg)
-    Z = stats.Z["g"].double() + 1e-6 * torch.eye(24, dtype=torch.float64)
+    Z = stats.dense_Z("g", torch.float64) + 1e-6 * torch.eye(24, dtype=torch.float64)
     for name, st in stats.modules.items():
         D = -torch.linalg.solve(Z, st.G.double().T) / (st.y.double() + 1e-6)
         D = D / torch.linalg.matrix_norm(D, 2)
@@ -95,7 +96,7 @@ def test_large_beta_gives_top_eigenvectors_of_Z():
     gen = torch.Generator().manual_seed(8)
     stats = synthetic_stats(gen, lo=1e-2, hi=1.0)
     res = solve_lora_da(stats, LoraDAConfig(rank=3, beta=1e9, population_size=1, solver="reference"))
-    w, V = torch.linalg.eigh(stats.Z["g"].double())
+    w, V = torch.linalg.eigh(stats.dense_Z("g", torch.float64))
     P_top = V[:, -3:] @ V[:, -3:].T
     for name in stats.modules:
         A = res[name].lora_A.double() * 32.0  # sqrt(gamma)
@@ -124,7 +125,7 @@ def test_end_to_end_on_a_model():
     worst_same, worst_brute = 0.0, 0.0
     for name, f in res.items():
         st = stats.modules[name]
-        Z = stats.Z[st.group]
+        Z = stats.dense_Z(st.group)
         same, _ = numpy_lora_da(Z.numpy(), st.G.numpy(), st.y.numpy(), 4, 1000, 0.03)
         err_same = rel_err(product(f), torch.from_numpy(same))
         assert err_same < TOL["solver_contract"], (name, err_same)
@@ -172,7 +173,7 @@ def test_relative_output_damping():
     for name, st in stats.modules.items():
         lam_y = 0.1 * float(st.y.double().median())
         assert res.reports[name].output_damping == pytest.approx(lam_y)
-        want, _ = numpy_lora_da(stats.Z["g"], st.G, st.y, 3, 100, 0.03, lam_y=lam_y)
+        want, _ = numpy_lora_da(stats.dense_Z("g"), st.G, st.y, 3, 100, 0.03, lam_y=lam_y)
         assert rel_err(product(res[name]), torch.from_numpy(want)) < TOL["solver_contract"]
 
 
@@ -180,7 +181,7 @@ def test_cholesky_failure_raises_damping_and_says_so():
     gen = torch.Generator().manual_seed(14)
     stats = synthetic_stats(gen, d_in=8, d_outs=(8,))
     v = torch.randn(8, 1, generator=gen)
-    stats.Z["g"] = (v @ v.T) - 1e-3 * torch.eye(8)  # indefinite: fails at damping 1e-6 and 1e-4, not 1e-2
+    stats.Z["g"] = pack_upper((v @ v.T) - 1e-3 * torch.eye(8))  # indefinite: fails at damping 1e-6 and 1e-4, not 1e-2
     res = solve_lora_da(stats, LoraDAConfig(rank=2, population_size=10, solver="reference"))
     rep = res.reports["m0"]
     assert rep.damping == pytest.approx(1e-2) and "damping raised" in rep.notes[0]

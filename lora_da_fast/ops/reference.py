@@ -7,8 +7,8 @@ Conventions (all ops):
 - ``x`` is a 2-D activation ``[N, d_in]`` (tokens flattened over the batch), any float dtype.
 - ``dy`` is the matching output gradient ``[N, d_out]`` (``dL_i/dy_t`` for the token's own example).
 - Masks are ``[N]`` bool tensors selecting rows; accumulators are fp32 and updated in place.
-- ``Z`` accumulators need only hold a correct **upper** triangle (diagonal included): the caller
-  mirrors it once at the end with :func:`symmetrize_upper`. The reference fills the whole matrix.
+- ``Z`` accumulators are **packed** upper triangles (diagonal included), fp32 ``[d (d + 1) / 2]``, row ``i``
+  holding ``Z[i, i:]`` (:mod:`lora_da_fast.triangle`): the strict lower triangle is never stored.
 """
 from __future__ import annotations
 
@@ -16,20 +16,30 @@ from typing import Optional
 
 import torch
 
-__all__ = ["sym_accumulate", "grad_stats", "symmetrize_upper"]
+from ..triangle import packed_size, upper_mask
+
+__all__ = ["sym_accumulate", "grad_stats"]
 
 
 def sym_accumulate(Z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
-    """``Z += X_S^T X_S`` with ``X_S = x[mask]``; ``Z``: fp32 ``[d_in, d_in]``.
+    """``Z += X_S^T X_S`` with ``X_S = x[mask]``; ``Z``: the packed upper triangle, fp32 ``[d (d + 1) / 2]``.
 
     The selected rows are gathered and upcast to fp32 before the product: every product and sum is
-    exact fp32 arithmetic, which is what the kernels are compared against.
+    exact fp32 arithmetic, which is what the kernels are compared against. The triangle is expanded into
+    a ``d x d`` scratch matrix for ``addmm_`` and packed back, so each entry is the very ``addmm_`` result
+    a full square accumulator would hold (bit for bit); the scratch lives for the call only.
     """
+    d = x.shape[-1]
+    if Z.shape != (packed_size(d),):
+        raise ValueError(f"Z must be the packed triangle [{packed_size(d)}] of a {d}x{d} matrix, got {tuple(Z.shape)}")
     xs = x if mask is None else x[mask]
     if xs.shape[0] == 0:
         return
     xs = xs.to(torch.float32)
-    Z.addmm_(xs.T, xs)
+    upper = upper_mask(d, Z.device)
+    full = torch.zeros(d, d, dtype=Z.dtype, device=Z.device).masked_scatter_(upper, Z)
+    full.addmm_(xs.T, xs)
+    Z.copy_(full.masked_select(upper))
 
 
 def grad_stats(
@@ -65,9 +75,3 @@ def grad_stats(
         if seq_sums is not None:
             ids = seq_ids if stat_mask is None else seq_ids[stat_mask]
             seq_sums.index_add_(0, ids.to(torch.long), ds)
-
-
-def symmetrize_upper(Z: torch.Tensor) -> torch.Tensor:
-    """Return the symmetric matrix whose upper triangle (diagonal included) is that of ``Z``."""
-    upper = torch.triu(Z)
-    return upper + torch.triu(Z, diagonal=1).T

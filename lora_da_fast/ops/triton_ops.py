@@ -1,7 +1,7 @@
 """Triton launchers of the statistics ops, same names, signatures and semantics as :mod:`.reference`.
 
-- :func:`sym_accumulate` ``Z += X_S^T X_S`` (only the upper triangle of ``Z``, diagonal included, is
-  updated; mirror once at the end with :func:`.reference.symmetrize_upper`).
+- :func:`sym_accumulate` ``Z += X_S^T X_S`` into the packed upper triangle of ``Z`` (diagonal included;
+  layout: :mod:`lora_da_fast.triangle`).
 - :func:`grad_stats` ``G += dY_{grad}^T X_{grad}``, ``y += sum_{stat} dY^2`` and the per-example
   sums of ``sequence_lowrank``, in one launch.
 
@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ..triangle import packed_size
 from . import reference
 from .launch import (KERNEL_DTYPES, MAX_SEQ_BLOCK, check_accumulator, check_rows, check_runnable, check_vector,
                      device_guard, interpreted, mask_bytes, next_power_of_2, num_sms, num_splits, row_major,
@@ -93,15 +94,15 @@ def _input_precision(dtype: torch.dtype) -> Optional[str]:
 
 
 def sym_accumulate(Z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
-    """``Z += X_S^T X_S`` with ``X_S = x[mask]``, upper triangle only (diagonal included).
+    """``Z += X_S^T X_S`` with ``X_S = x[mask]``, ``Z`` the packed upper triangle (diagonal included).
 
-    ``Z``: fp32 ``[d_in, d_in]`` contiguous; ``x``: ``[N, d_in]`` bf16/fp16/fp32 (fp64 goes to the
-    reference); ``mask``: bool ``[N]`` or ``None`` (every row). The strict lower triangle of ``Z`` outside
-    the diagonal tiles is neither read nor written.
+    ``Z``: fp32 ``[d_in (d_in + 1) / 2]`` contiguous (:mod:`lora_da_fast.triangle`); ``x``: ``[N, d_in]``
+    bf16/fp16/fp32 (fp64 goes to the reference); ``mask``: bool ``[N]`` or ``None`` (every row). Only the
+    tiles of the upper triangle are computed and only its entries are read and written.
     """
     check_rows("x", x)
     n, d = x.shape
-    check_accumulator("Z", Z, (d, d), x.device)
+    check_accumulator("Z", Z, (packed_size(d),), x.device)
     check_vector("mask", mask, n, x.device, "mask")
     if n == 0 or d == 0:
         return
@@ -122,7 +123,7 @@ def sym_accumulate(Z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor
 
     with device_guard(x.device):
         kernel[grid](
-            Z, Z.stride(0), Z.stride(1),
+            Z,
             x, x.stride(0), x.stride(1),
             mask_bytes(mask) if mask is not None else x,  # never read without HAS_MASK
             n, d,

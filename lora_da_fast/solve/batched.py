@@ -726,7 +726,7 @@ def _plan_chunks(stats: FisherStatistics, groups: Dict[str, List[str]], budget: 
     order: Dict[int, List[str]] = {}
     for g, names in groups.items():
         if names:
-            order.setdefault(int(stats.Z[g].shape[-1]), []).append(g)
+            order.setdefault(stats.z_dim(g), []).append(g)
     chunks: List[List[str]] = []
     for d_in, gs in order.items():
         cur, used = [], 0
@@ -801,15 +801,12 @@ def solve_batched(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = F
 
 
 def _sym_stack(stats: FisherStatistics, chunk: List[str], dt: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``sym(Z_g) = (Z_g + Z_g^T) / 2`` for the groups of ``chunk``, stacked (exact in float64 from
-    float32 input)."""
-    Zs = torch.empty((len(chunk),) + tuple(stats.Z[chunk[0]].shape), dtype=dt, device=device)
+    """The dense symmetric ``Z_g`` of the groups of ``chunk``, stacked: each expanded from its packed
+    triangle straight into the stack (``FisherStatistics.dense_Z``; exact in float64 from float32)."""
+    d = stats.z_dim(chunk[0])
+    Zs = torch.empty((len(chunk), d, d), dtype=dt, device=device)
     for i, g in enumerate(chunk):
-        Zg = stats.Z[g].to(device)
-        # (a contiguous transposed copy first: adding a strided transpose is 5x slower on CPU; transposing
-        # the converted copy is faster than transposing the input)
-        Zi = Zs[i].copy_(Zg)
-        Zi.add_(Zi.transpose(-1, -2).contiguous()).mul_(0.5)
+        stats.dense_Z(g, out=Zs[i])
     return Zs
 
 

@@ -21,7 +21,7 @@ def solve_reference(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool =
     for group, names in groups.items():
         if not names:
             continue
-        Z = stats.Z[group].to(torch.float64)
+        Z = stats.dense_Z(group, torch.float64)
         L, lam = cholesky_with_retry(Z, cfg.damping, cfg.max_damping, group)
         Zinv = torch.cholesky_inverse(L) if cfg.beta > 0 else None
         for name in names:

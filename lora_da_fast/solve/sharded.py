@@ -24,7 +24,7 @@ def estimate_cost(stats, group: str, names: Sequence[str], cfg) -> float:
     (``2 d^2 d_out`` each), the norm of ``D`` (``4 d d_out min(d, d_out)``), the eigenproblem of ``M``
     (``9 d^3``, a dense symmetric eigendecomposition) and, in ``sequence_lowrank`` mode, the Woodbury
     solve (``2 n^2 d_out + n^3``). Only the ratios matter: they balance the ranks."""
-    d = float(stats.Z[group].shape[0])
+    d = float(stats.z_dim(group))
     cost = d ** 3 / 3 + (d ** 3 if cfg.beta > 0 else 0.0)
     for nm in names:
         st = stats.modules[nm]

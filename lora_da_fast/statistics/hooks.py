@@ -12,6 +12,7 @@ from ..data import IGNORE_INDEX, Batch
 from ..errors import ConfigError, DataError
 from ..ops import get_ops
 from ..targets import linear_shape
+from ..triangle import packed_size
 
 
 def input_group_probe(model: nn.Module, targets: Dict[str, nn.Module], device,
@@ -73,9 +74,9 @@ def input_embeddings(model: nn.Module) -> nn.Module:
 class Accumulators:
     """The fp32 sums of one statistics pass and the hooks that add to them.
 
-    ``G[name]`` ``[d_out, d_in]``, ``y[name]`` ``[d_out]``, ``Z[leader]`` ``[d_in, d_in]`` (upper triangle
-    meaningful; one per input group, keyed by the group's first module), ``seq[name]``: per-batch
-    ``[B, d_out]`` per-example sums in ``sequence_lowrank`` mode. Sums, not means: checkpoints save
+    ``G[name]`` ``[d_out, d_in]``, ``y[name]`` ``[d_out]``, ``Z[leader]`` ``[d_in (d_in + 1) / 2]`` (the
+    packed upper triangle, :mod:`lora_da_fast.triangle`; one per input group, keyed by the group's first
+    module), ``seq[name]``: per-batch ``[B, d_out]`` per-example sums in ``sequence_lowrank`` mode. Sums, not means: checkpoints save
     them and the reduction over ranks adds them."""
 
     def __init__(self, targets: Dict[str, nn.Module], leaders: Dict[str, str], cfg: LoraDAConfig):
@@ -95,7 +96,7 @@ class Accumulators:
             self.G[name] = torch.zeros(d_out, d_in, dtype=torch.float32, device=dev)
             self.y[name] = torch.zeros(d_out, dtype=torch.float32, device=dev)
             if leaders[name] == name:
-                self.Z[name] = torch.zeros(d_in, d_in, dtype=torch.float32, device=dev)
+                self.Z[name] = torch.zeros(packed_size(d_in), dtype=torch.float32, device=dev)
         self.masks: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def set_batch(self, batch: Batch, token_mask: str, device) -> None:

@@ -1,7 +1,7 @@
 """Data-parallel statistics: each rank runs the pass on its shard of the examples, then the sums are
-added up over the ranks here: one triangle of each ``Z`` (diagonal included, packed row by row; the
-lower triangle of an accumulator is not meaningful), every ``G`` and ``y``, in buckets, one
-``all_reduce`` each; the per-example sums of ``sequence_lowrank`` are all-gathered and put back in the
+added up over the ranks here: every ``Z`` (already a packed triangle, :mod:`lora_da_fast.triangle`, sent
+as it is), every ``G`` and ``y``, in buckets, one ``all_reduce`` each; the per-example sums of
+``sequence_lowrank`` are all-gathered and put back in the
 single-process example order. The counts travel in the status exchange that comes first, with a
 checksum of the layout, so ranks with different targets fail with a clear error. The result equals a
 single-process run on the whole set to fp32 rounding (only the summation order differs).
@@ -21,7 +21,7 @@ def reduce_over_ranks(sp, round_robin: bool = True, bucket_bytes: Optional[int] 
     """Sum a :class:`~.statistics_pass.StatisticsPass`'s accumulators and counters over all ranks, in
     place, before its ``finalize`` (a no-op without an active process group).
 
-    Counts ``n`` and ``T`` are summed. ``Z``: upper triangles only. Sequence sums: all-gathered, in the
+    Counts ``n`` and ``T`` are summed. ``Z``: the packed triangles, as they are. Sequence sums: all-gathered, in the
     single-process order when every rank took a round-robin :func:`~lora_da_fast.comm.shard` of the
     same examples (``round_robin``, as the engine does), in rank order otherwise (the solver does not
     depend on that order).
@@ -43,9 +43,7 @@ def reduce_over_ranks(sp, round_robin: bool = True, bucket_bytes: Optional[int] 
     sp.n, sp.T = sum(n_r), int(table[:, 2].sum())
 
     pieces: List[comm.Piece] = []
-    for z in acc.Z.values():
-        pieces += comm.upper_pieces(z, cap)
-    for tab in (acc.G, acc.y):
+    for tab in (acc.Z, acc.G, acc.y):
         for t in tab.values():
             pieces += comm.flat_pieces(t, cap)
     comm.all_reduce_pieces(pieces, cap)

@@ -26,7 +26,7 @@ from ..config import LoraDAConfig
 from ..data import IGNORE_INDEX, Batch, Example, collate, iter_batches
 from ..errors import ConfigError, DataError, NumericalError
 from ..fisher import FisherStatistics, ModuleStatistics, check_finite
-from ..ops.reference import symmetrize_upper
+from ..triangle import packed_diagonal
 from ..targets import find_target_modules
 from .hooks import Accumulators, input_embeddings, input_group_probe, start_graph
 
@@ -210,15 +210,17 @@ class StatisticsPass:
 
     def _check_finite(self, batch: Batch) -> None:
         """One cheap test per batch: a non-finite input makes the diagonal of its ``Z`` non-finite and a
-        non-finite output gradient makes its ``y`` non-finite, for good. Named by module and example."""
+        non-finite output gradient makes its ``y`` non-finite, for good. Named by module and example.
+        (``Z`` is packed: its diagonal is a gather of ``d_in`` entries.)"""
         acc = self.acc
         per_device: Dict[torch.device, List[torch.Tensor]] = {}
-        for t in list(acc.y.values()) + [z.diagonal() for z in acc.Z.values()]:
+        diagonals = {name: packed_diagonal(z) for name, z in acc.Z.items()}
+        for t in list(acc.y.values()) + list(diagonals.values()):
             per_device.setdefault(t.device, []).append(t)
         if all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in per_device.values()):
             return
-        for name, z in acc.Z.items():
-            if not bool(torch.isfinite(z.diagonal()).all()):
+        for name, diag in diagonals.items():
+            if not bool(torch.isfinite(diag).all()):
                 raise NumericalError(f"non-finite input activations of module {name} on examples "
                                      f"{_examples(batch)} (overflow in the model's dtype? try --dtype float32)")
         # a non-finite gradient spreads to every module before it: the last one (module order) is the origin
@@ -253,7 +255,8 @@ class StatisticsPass:
         if self.T == 0:
             raise DataError("the token mask selects no token in the whole calibration set")
         acc = self.acc
-        Z = {g: symmetrize_upper(z).div_(self.T) for g, z in acc.Z.items()}
+        # the packed triangles become the statistics in place (no copy: they stay packed to the solve)
+        Z = {g: z.div_(self.T) for g, z in acc.Z.items()}
         modules = {}
         for name in acc.G:
             seq = torch.cat(acc.seq[name]) if acc.seq[name] else None
