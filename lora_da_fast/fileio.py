@@ -144,9 +144,10 @@ def make_temp_dir(target: str, **extra) -> str:
     holding the owner marker (plus ``extra`` fields); returns its path. ``OSError`` /
     ``SafetensorError`` propagate."""
     parent = os.path.dirname(os.path.abspath(target))
+    base = os.path.basename(target)[:120]  # the folder's name stays within NAME_MAX
     while True:
         token = secrets.token_hex(8)
-        path = os.path.join(parent, f".{os.path.basename(target)}{TMP_TAG}{token}")
+        path = os.path.join(parent, f".{base}{TMP_TAG}{token}")
         try:
             os.mkdir(path)
             break
@@ -274,11 +275,17 @@ def rename_noreplace(src: str, dst: str) -> None:
         return
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
-    if os.path.isdir(src):
-        os.rename(src, dst)  # a non-empty folder at dst makes this fail; an empty one is the small window left
-    else:
-        os.link(src, dst)  # fails if dst exists
-        os.remove(src)
+    if not os.path.isdir(src):
+        try:
+            os.link(src, dst)  # fails if dst exists
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system: the check above is all there is
+            pass
+        else:
+            os.remove(src)
+            return
+    os.rename(src, dst)  # for a folder, a non-empty one at dst makes this fail; an empty one is the small window
 
 
 def exchange(a: str, b: str) -> bool:
