@@ -290,11 +290,14 @@ def test_full_disk_on_a_real_small_tmpfs(cache, long_data, tmp_path, capsys):
     with small_disk(tmp_path / "ro", 64, read_only=True) as disk:
         rc, _, err = run(long_args(long_data, tmp_path / "o", "--quiet", "--stats-cache", disk / "s.st"), capsys)
         assert_user_error(rc, err, "is not writable")
-    # --stats-cache on a disk with room for one checkpoint (~410 KiB) but not two: the second write fails;
-    # the first is resumed once there is space, and the adapter is the one of an uninterrupted run
-    rc, _, err = run(long_args(long_data, tmp_path / "reference", "--quiet"), capsys)
+    # --stats-cache on a disk with room for one checkpoint but not two: the second write fails; the first is
+    # resumed once there is space, and the adapter is the one of an uninterrupted run (which also measures
+    # the size of a checkpoint: its statistics file is as large)
+    rc, _, err = run(long_args(long_data, tmp_path / "reference", "--quiet", "--stats-cache", tmp_path / "ref.st"),
+                     capsys)
     assert rc == 0, err
-    with small_disk(tmp_path / "half", 600) as disk:
+    size_kb = os.path.getsize(tmp_path / "ref.st") // 1024
+    with small_disk(tmp_path / "half", size_kb * 3 // 2 + 16) as disk:
         argv = long_args(long_data, tmp_path / "o", "--stats-cache", disk / "s.st", "--checkpoint-every", "2",
                          "--quiet")
         rc, _, err = run(argv, capsys)
@@ -302,7 +305,7 @@ def test_full_disk_on_a_real_small_tmpfs(cache, long_data, tmp_path, capsys):
                                    "device); free space on that disk")
         assert err.rstrip().endswith("examples done): free space, then rerun the same command to resume")
         assert sorted(os.listdir(disk)) == ["s.st.partial"] and not os.path.exists(tmp_path / "o")
-        resize(disk, 4096)
+        resize(disk, size_kb * 4)
         rc, _, err = run(argv, capsys)
         assert rc == 0, err
         assert sorted(os.listdir(disk)) == ["s.st"]
