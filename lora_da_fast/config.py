@@ -12,6 +12,7 @@ TOKEN_MASKS = ("attention", "labels")
 OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
 BACKENDS = ("auto", "torch", "triton")
 SOLVERS = ("auto", "batched", "reference")
+KEEP_TOKENS = ("auto", "always", "never")
 
 
 def _positive_number(name: str, value, allow_zero: bool = False) -> None:
@@ -51,6 +52,10 @@ class LoraDAConfig:
         solver: ``"auto"`` (batched), ``"batched"`` or ``"reference"`` (per-module dense float64).
         max_damping: bound for the damping retries when a Cholesky factorisation fails.
         seed: seed of the random start vectors of iterative solvers; the result does not depend on it.
+        keep_tokens: ``"auto"`` keeps the inputs and output gradients of every token for the input
+            groups with few tokens (at most twice ``d_in``) and solves them exactly in token space, in
+            float64 (docs/algorithm.md, "Two paths"); ``"always"`` for every group, ``"never"`` for none
+            (the input-factor path only). Decided from the final token count, the same on every rank.
     """
 
     rank: int = 8
@@ -70,6 +75,7 @@ class LoraDAConfig:
     solver: str = "auto"
     max_damping: float = 1.0
     seed: int = 0
+    keep_tokens: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -124,6 +130,8 @@ class LoraDAConfig:
             raise ConfigError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.keep_tokens not in KEEP_TOKENS:
+            raise ConfigError(f"keep_tokens must be one of {KEEP_TOKENS}, got {self.keep_tokens!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

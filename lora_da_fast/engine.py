@@ -202,7 +202,8 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
             t0 = time.perf_counter()
             status["phase"] = "statistics"
             with comm.guard("the statistics pass"), StatisticsPass(model, cfg, targets=sub, loss_fn=loss_fn,
-                                                                       probe=exs[0] if exs else None) as sp:
+                                                                       probe=exs[0] if exs else None,
+                                                                       total_tokens=sum(map(len, exs))) as sp:
                 done = 0
                 if resumed is not None and i == start_slice and resumed["done"] > 0:
                     done = ckpt.resume(sp, path)

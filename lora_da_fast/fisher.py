@@ -18,10 +18,12 @@ from safetensors.torch import save_file
 
 from .errors import DataError, NumericalError
 from .fileio import write_atomic
+from .tokens import TokenStatistics
 from .triangle import pack_symmetric, packed_dim, unpack_symmetric
 
 FORMAT_VERSION = 3  # 2: content checksum and tensor shapes in the header; 3: Z packed (upper triangle)
 _HEADER_KEY = "lora_da_fast"
+_TOKENS = "tok."  # prefix of the kept tokens' tensors (lora_da_fast.tokens)
 TOKEN_MASKS = ("attention", "labels")
 
 
@@ -57,6 +59,8 @@ class FisherStatistics:
     token_mask: str = "attention"
     output_fisher: str = "diagonal"
     meta: Dict[str, object] = field(default_factory=dict)
+    # the inputs and output gradients of every token, for the groups on the token path (lora_da_fast.tokens)
+    tokens: Optional[TokenStatistics] = None
 
     def __post_init__(self):
         self.Z = {g: _packed(g, z) for g, z in self.Z.items()}
@@ -87,20 +91,22 @@ class FisherStatistics:
         groups = {st.group for st in modules.values()}
         return FisherStatistics(modules, {g: z for g, z in self.Z.items() if g in groups}, self.num_examples,
                                 self.num_tokens, self.num_skipped, self.token_mask, self.output_fisher,
-                                dict(self.meta))
+                                dict(self.meta), self.tokens and self.tokens.subset(groups, names))
 
     def merge(self, other: "FisherStatistics") -> "FisherStatistics":
         """These statistics and ``other``'s (other modules of the same pass over the same data)."""
         return FisherStatistics({**self.modules, **other.modules}, {**self.Z, **other.Z}, self.num_examples,
                                 self.num_tokens, self.num_skipped, self.token_mask, self.output_fisher,
-                                {**other.meta, **self.meta})
+                                {**other.meta, **self.meta},
+                                other.tokens if self.tokens is None else self.tokens.merge(other.tokens))
 
     def to(self, device) -> "FisherStatistics":
         """A copy on ``device`` (e.g. the CPU, to free an accelerator between passes)."""
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         modules = {n: ModuleStatistics(st.group, mv(st.G), mv(st.y), mv(st.seq_sums)) for n, st in self.modules.items()}
         return FisherStatistics(modules, {g: mv(z) for g, z in self.Z.items()}, self.num_examples, self.num_tokens,
-                                self.num_skipped, self.token_mask, self.output_fisher, dict(self.meta))
+                                self.num_skipped, self.token_mask, self.output_fisher, dict(self.meta),
+                                self.tokens and self.tokens.to(device))
 
     def to_tensors(self, prefix: str = "") -> Tuple[Dict[str, torch.Tensor], dict]:
         """``(tensors, header)``: the statistics as named CPU tensors (keys start with ``prefix``) and a
@@ -130,6 +136,8 @@ class FisherStatistics:
             "shapes": {k[len(prefix):]: list(t.shape) for k, t in tensors.items()},
             "dtypes": {k[len(prefix):]: str(t.dtype).replace("torch.", "") for k, t in tensors.items()},
         }
+        if self.tokens is not None:  # checked by TokenStatistics.from_tensors; in the checksum
+            tensors.update(self.tokens.to_tensors(f"{prefix}{_TOKENS}", groups, names))
         header["checksum"] = content_checksum(tensors, header, prefix)
         return tensors, header
 
@@ -148,8 +156,10 @@ class FisherStatistics:
             s = tensors.get(f"{prefix}s.{i}")
             modules[name] = ModuleStatistics(groups[gi], mv(tensors[f"{prefix}G.{i}"]), mv(tensors[f"{prefix}y.{i}"]),
                                              None if s is None else mv(s))
+        tokens = TokenStatistics.from_tensors(tensors, f"{prefix}{_TOKENS}", groups, header["modules"],
+                                              [groups[gi] for gi in header["module_groups"]], device)
         return cls(modules, Z, header["num_examples"], header["num_tokens"], header["num_skipped"],
-                   header["token_mask"], header["output_fisher"], header.get("meta", {}))
+                   header["token_mask"], header["output_fisher"], header.get("meta", {}), tokens)
 
     def save(self, path: str) -> None:
         """Write to a safetensors file, atomically (:func:`~lora_da_fast.fileio.write_atomic`), with a
@@ -285,7 +295,7 @@ def check_tensors(tensors: Dict[str, torch.Tensor], header: dict, prefix: str = 
     if not isinstance(shapes, dict) or not isinstance(dtypes, dict):
         bad("no record of the tensor shapes")
     have = {k[len(prefix):]: t for k, t in tensors.items()
-            if k.startswith(prefix)}
+            if k.startswith(prefix) and not k[len(prefix):].startswith(_TOKENS)}
     expected = {f"Z.{i}" for i in range(len(groups))}
     for i in range(len(modules)):
         expected |= {f"G.{i}", f"y.{i}"} | ({f"s.{i}"} if f"s.{i}" in have else set())

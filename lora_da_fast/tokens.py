@@ -14,17 +14,14 @@ from typing import Dict, Iterable, Optional, Sequence, Set, Tuple
 
 import torch
 
+from .config import KEEP_TOKENS
 from .errors import DataError
 
-KEEP_TOKENS = ("auto", "always", "never")
-
-# "auto": a group keeps its tokens when the final token count is at most this multiple of its d_in (fewer
-# tokens than, or comparable to, its inputs: there Z is singular or nearly so, the regime where the
-# input-factor path is not reproducible, and the tokens take at most about this multiple of the memory of
-# Z and G) ...
+# "auto": a group keeps its tokens when the final token count is at most this multiple of its d_in: fewer
+# tokens than, or comparable to, its inputs. There Z is singular or nearly so, the regime where the
+# input-factor path is not reproducible (fp32 rounding of G outside the inputs' span is amplified by up to
+# 1 / damping), and the tokens take at most about this multiple of the memory of Z and G.
 TOKEN_RATIO = 2
-# ... or when its tokens are small anyway (elements of X and of every Delta of the group: 16 MiB in fp32).
-SMALL_TOKEN_ELEMENTS = 1 << 22
 
 POSITION_BITS = 32  # key = example index << 32 | position
 
@@ -32,17 +29,15 @@ POSITION_BITS = 32  # key = example index << 32 | position
 def token_groups(mode: str, total_tokens: int, shapes: Dict[str, Tuple[int, int]]) -> Set[str]:
     """The input groups that keep their tokens: ``shapes[group] = (d_in, sum of the group's d_out)``,
     ``total_tokens`` the non-padding tokens of the whole calibration set (all ranks). ``"never"``: none;
-    ``"always"``: all; ``"auto"``: those with ``total_tokens <= TOKEN_RATIO * d_in`` or whose tokens hold
-    at most ``SMALL_TOKEN_ELEMENTS`` elements. A pure function of its arguments: every rank decides the
-    same."""
+    ``"always"``: all; ``"auto"``: those with ``total_tokens <= TOKEN_RATIO * d_in``. A pure function of
+    its arguments: every rank decides the same."""
     if mode not in KEEP_TOKENS:
         raise ValueError(f"keep_tokens must be one of {KEEP_TOKENS}, got {mode!r}")
     if mode == "never":
         return set()
     if mode == "always":
         return set(shapes)
-    return {g for g, (d_in, d_out) in shapes.items()
-            if total_tokens <= TOKEN_RATIO * d_in or total_tokens * (d_in + d_out) <= SMALL_TOKEN_ELEMENTS}
+    return {g for g, (d_in, _) in shapes.items() if total_tokens <= TOKEN_RATIO * d_in}
 
 
 @dataclass

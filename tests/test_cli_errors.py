@@ -376,7 +376,7 @@ def test_beta_and_gamma_that_break_the_factors(stats_run, data, tmp_path, capsys
     f0, _ = stats_run
     f = tmp_path / "s.st"
     shutil.copy(f0, f)
-    for option, value, match in (("--beta", "1e300", "are not finite (NaN or inf); likely cause: --beta 1e+300 is "
+    for option, value, match in (("--beta", "1e308", "are not finite (NaN or inf); likely cause: --beta 1e+308 is "
                                                       "too large"),
                                  ("--gamma", "1e308", "are zero (or below float32's smallest normal number): the "
                                                        "adapter would not train; likely cause: --gamma 1e+308 is "

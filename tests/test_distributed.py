@@ -130,6 +130,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         # A rank whose share of the solve fails (a negative definite Z in one of its groups: finite, so
         # it passes the up-front checks on every rank, but no damping up to max_damping=1 factorises it).
         bad = FisherStatistics.load(os.path.join(tmp, "even_stats.safetensors"))
+        bad.tokens = None  # solved through the input factors (with its tokens Z would not be factorised)
         g = out["plan"][1][0]
         bad.Z[g] = pack_upper(-10.0 * torch.eye(bad.z_dim(g)))
         out["fail_solve"] = _fake_cli(lambda: dict(solve_lora_da(bad, cfg)), tmp)

@@ -6,7 +6,7 @@ import torch
 from lora_da_fast.data import Batch
 from lora_da_fast.errors import DataError
 from lora_da_fast.statistics.token_store import TokenStore, finish
-from lora_da_fast.tokens import SMALL_TOKEN_ELEMENTS, TOKEN_RATIO, TokenStatistics, token_groups
+from lora_da_fast.tokens import TOKEN_RATIO, TokenStatistics, token_groups
 
 
 def test_decision_is_a_function_of_counts_and_shapes():
@@ -14,12 +14,9 @@ def test_decision_is_a_function_of_counts_and_shapes():
     assert token_groups("auto", 626, shapes) == {"qkv", "o", "down"}  # 24 x 48 tokens of SmolLM2
     big = 256 * 1024
     assert token_groups("auto", big, shapes) == set()
-    # o's tokens at 3072 x (576 + 576) elements are under SMALL_TOKEN_ELEMENTS; qkv's are not
-    assert token_groups("auto", TOKEN_RATIO * 1536, shapes) == {"down", "o"}
-    assert token_groups("auto", SMALL_TOKEN_ELEMENTS // 1152 + 1, shapes) == set()
-    small = {"tiny": (64, 128)}
-    assert token_groups("auto", SMALL_TOKEN_ELEMENTS // 192, small) == {"tiny"}
-    assert token_groups("auto", SMALL_TOKEN_ELEMENTS // 192 + 1, small) == set()
+    assert token_groups("auto", TOKEN_RATIO * 576, shapes) == {"qkv", "o", "down"}
+    assert token_groups("auto", TOKEN_RATIO * 576 + 1, shapes) == {"down"}
+    assert token_groups("auto", TOKEN_RATIO * 1536 + 1, shapes) == set()
     assert token_groups("never", 10, shapes) == set() and token_groups("always", big, shapes) == set(shapes)
     with pytest.raises(ValueError):
         token_groups("sometimes", 10, shapes)
@@ -38,6 +35,9 @@ def _batches(lengths, bs, order):
     return out
 
 
+TARGETS = {"g": torch.nn.Linear(3, 2), "m": torch.nn.Linear(3, 2), "other": torch.nn.Linear(3, 2)}
+
+
 def _run_store(lengths, bs, order, X_of, D_of, labels_every=None):
     store = TokenStore({"g"}, {"g": "g", "m": "g", "other": "h"})
     for batch in _batches(lengths, bs, order):
@@ -51,8 +51,7 @@ def _run_store(lengths, bs, order, X_of, D_of, labels_every=None):
         store.add("g", x, d, gm)
         store.add("m", x, 2 * d, gm)
         store.add("other", x, d, gm)  # off the token path: ignored
-    rows = store.local({"g": torch.device("cpu"), "m": torch.device("cpu")}, {"g": 3, "m": 2})
-    return finish(rows, {"g"}, ["g", "m"])
+    return finish(store.local_rows(TARGETS), {"g"}, ["g", "m"])
 
 
 def test_rows_in_canonical_order_whatever_the_batches():
@@ -80,8 +79,8 @@ def test_module_not_reached_in_a_batch_leaves_zero_rows():
         store.add("g", x, torch.ones(gm.shape[0], 2), gm)
         if k == 1:
             store.add("m", x, torch.ones(gm.shape[0], 2), gm)
-    t = finish(store.local({"g": torch.device("cpu"), "m": torch.device("cpu")}, {"g": 4, "m": 2}), {"g"},
-               ["g", "m"])
+    targets = {"g": torch.nn.Linear(4, 2), "m": torch.nn.Linear(4, 2)}
+    t = finish(store.local_rows(targets), {"g"}, ["g", "m"])
     assert t.delta["m"][:2].abs().sum() == 0 and bool((t.delta["m"][2:] == 1).all())
 
 

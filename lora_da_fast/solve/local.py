@@ -1,5 +1,7 @@
 """The solve of every module of a set of statistics on this process (docs/algorithm.md, "Solve"):
-checks, then the batched solver (default) or the dense float64 reference."""
+checks, then the input groups whose tokens were kept through their tokens (exact, float64:
+:mod:`.token_space`), the others through their input factors with the batched solver (default) or the
+dense float64 reference."""
 from __future__ import annotations
 
 from ..config import LoraDAConfig
@@ -9,6 +11,7 @@ from ..results import LoraDAResult
 from .batched import solve_batched
 from .reference import solve_reference
 from .steps import check_nonzero, check_rank
+from .token_space import solve_token_groups, token_path_groups
 
 
 def check_solvable(stats: FisherStatistics, cfg: LoraDAConfig) -> None:
@@ -33,6 +36,14 @@ def solve_local(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = Fal
     """Solve every module of ``stats`` here: ``{module_name: LoraFactors(lora_A, lora_B)}`` (+ ``.reports``).
     ``cfg.solver``: ``"reference"`` (dense float64 per module), ``"batched"`` or ``"auto"`` (batched)."""
     check_solvable(stats, cfg)
-    if cfg.solver == "reference":
-        return solve_reference(stats, cfg, progress=progress)
-    return solve_batched(stats, cfg, progress=progress)
+    solver = solve_reference if cfg.solver == "reference" else solve_batched
+    through_tokens = token_path_groups(stats, cfg)
+    if not through_tokens:
+        return solver(stats, cfg, progress=progress)
+    res = solve_token_groups(stats, cfg, through_tokens)
+    rest = [n for n, st in stats.modules.items() if st.group not in set(through_tokens)]
+    if rest:
+        more = solver(stats.subset(rest), cfg, progress=progress)
+        res.update(more)
+        res.reports.update(more.reports)
+    return LoraDAResult({n: res[n] for n in stats.modules}, {n: res.reports[n] for n in stats.modules})

@@ -90,6 +90,11 @@ def solve_module_tokens(basis: TokenBasis, Lq: torch.Tensor, Zq_inv: Optional[to
         Mq = Mq + c * Zq_inv
         outside = c / lam
     Mq = 0.5 * (Mq + Mq.transpose(-1, -2))
+    if not bool(torch.isfinite(Mq).all()):  # an overflow (beta ~ 1e308): non-finite factors, which the
+        nan = torch.full((r, basis.d_in), float("nan"))  # engine reports with the likely cause
+        return LoraFactors(nan, torch.full((Dq.shape[1], r), float("nan"))), {
+            "sigma": float(sigma), "eigenvalues": [], "eigengap": float("nan"), "residual": float("nan"),
+            "update_norm": float("nan")}
     w, Vm = torch.linalg.eigh(Mq)
     Vr = Vm[:, :r]
     A0 = basis.V @ Vr  # [d_in, r], orthonormal columns

@@ -12,6 +12,7 @@ from ..data import IGNORE_INDEX, Batch
 from ..errors import ConfigError, DataError
 from ..ops import get_ops
 from ..targets import linear_shape
+from .token_store import TokenStore
 from ..triangle import packed_size
 
 
@@ -98,6 +99,7 @@ class Accumulators:
             if leaders[name] == name:
                 self.Z[name] = torch.zeros(packed_size(d_in), dtype=torch.float32, device=dev)
         self.masks: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self.tokens: Optional[TokenStore] = None  # the rows of the groups on the token path (set by the pass)
 
     def set_batch(self, batch: Batch, token_mask: str, device) -> None:
         attn = batch.attention_mask.to(device).bool()
@@ -111,6 +113,8 @@ class Accumulators:
         seq_ids = torch.arange(b, device=device).repeat_interleave(t)
         self.batch_size = b
         self.masks = (attn.reshape(-1), stat.reshape(-1), seq_ids)
+        if self.tokens is not None:
+            self.tokens.set_batch(batch, self.masks[0], self.masks[1])
 
     def forward_hook(self, name: str) -> Callable:
         def fn(module, inputs, output):
@@ -142,3 +146,5 @@ class Accumulators:
             self.seq[name].append(seq)
         ops.grad_stats(self.G[name], self.y[name], g2, x2, grad_mask, stat_mask,
                             seq_sums=seq, seq_ids=seq_ids)
+        if self.tokens is not None:
+            self.tokens.add(name, x2, g2, grad_mask)

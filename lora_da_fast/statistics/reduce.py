@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..errors import DistributedError
+from .token_store import gather_over_ranks
 
 
 def reduce_over_ranks(sp, round_robin: bool = True, bucket_bytes: Optional[int] = None) -> None:
@@ -50,6 +51,7 @@ def reduce_over_ranks(sp, round_robin: bool = True, bucket_bytes: Optional[int] 
 
     if sp.cfg.output_fisher == "sequence_lowrank":
         _gather_sequence_sums(acc, n_r, round_robin, cap, world)
+    gather_over_ranks(sp)  # the kept tokens (groups on the token path), all-gathered
 
 
 def _gather_sequence_sums(acc, n_r: List[int], round_robin: bool, cap: int, world: int) -> None:

@@ -29,6 +29,7 @@ from ..fisher import FisherStatistics, ModuleStatistics, check_finite
 from ..triangle import packed_diagonal
 from ..targets import find_target_modules
 from .hooks import Accumulators, input_embeddings, input_group_probe, start_graph
+from .token_store import TokenStore, finish
 
 # A loss/forward callback: ``loss_fn(model, batch) -> losses`` with ``batch`` a dict of tensors on the
 # model's device (:meth:`lora_da_fast.data.Batch.inputs`) and ``losses`` of shape ``[batch size]``.
@@ -69,7 +70,8 @@ class StatisticsPass:
     """
 
     def __init__(self, model: nn.Module, cfg: LoraDAConfig, targets: Optional[Dict[str, nn.Module]] = None,
-                 loss_fn: Optional[LossFn] = None, probe: Optional[Example] = None):
+                 loss_fn: Optional[LossFn] = None, probe: Optional[Example] = None,
+                 total_tokens: Optional[int] = None):
         if not isinstance(cfg, LoraDAConfig):
             raise ConfigError("cfg must be a LoraDAConfig")
         if loss_fn is not None and not callable(loss_fn):
@@ -95,6 +97,9 @@ class StatisticsPass:
         self.pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
         self.n = self.T = 0
         self.acc: Optional[Accumulators] = None
+        # non-padding tokens of the whole calibration set (all ranks): which groups keep their tokens
+        # (cfg.keep_tokens, lora_da_fast.tokens.token_groups); the rows gathered over the ranks
+        self.total_tokens, self.token_rows = total_tokens, None
         self._handles: list = []
         self._saved = None
 
@@ -112,6 +117,7 @@ class StatisticsPass:
                 p.requires_grad_(False)
             leaders = input_group_probe(model, self.targets, self.device, self._probe_forward())
             self.acc = Accumulators(self.targets, leaders, self.cfg)
+            self.acc.tokens = TokenStore.for_pass(self.cfg.keep_tokens, self.total_tokens, self.targets, leaders)
             self._handles = [m.register_forward_hook(self.acc.forward_hook(name)) for name, m in self.targets.items()]
             # Gradients start at the inputs of the target modules: no parameter needs (or gets) a .grad,
             # and the backward pass stops at the earliest target instead of running down to the embeddings.
@@ -232,7 +238,9 @@ class StatisticsPass:
     def state_dict(self) -> Dict[str, object]:
         acc = self.acc
         return {"n": self.n, "T": self.T, "G": acc.G, "y": acc.y, "Z": acc.Z,
-                "seq": {k: (torch.cat(v) if v else None) for k, v in acc.seq.items()}}
+                "seq": {k: (torch.cat(v) if v else None) for k, v in acc.seq.items()},
+                "tokens": acc.tokens.local_rows(self.targets) if acc.tokens is not None and acc.tokens.complete
+                else None}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         acc = self.acc
@@ -245,6 +253,8 @@ class StatisticsPass:
                 mine[name].copy_(t)
         for name, t in state["seq"].items():
             acc.seq[name] = [] if t is None else [t.to(acc.G[name].device)]
+        if acc.tokens is not None:  # without the rows of a checkpoint those groups are solved through Z and G
+            acc.tokens.load_rows(state.get("tokens"))
 
     def finalize(self, skipped: int = 0) -> FisherStatistics:
         """Means from the sums (reduce them over the ranks first under torch.distributed); ``skipped``:
@@ -261,8 +271,13 @@ class StatisticsPass:
         for name in acc.G:
             seq = torch.cat(acc.seq[name]) if acc.seq[name] else None
             modules[name] = ModuleStatistics(acc.leaders[name], acc.G[name].div_(self.n), acc.y[name].div_(self.T), seq)
+        store = acc.tokens
+        tokens = None
+        if store is not None and store.complete:
+            rows = self.token_rows if self.token_rows is not None else store.local_rows(self.targets)
+            tokens = finish(rows, store.groups, list(store.leaders))
         stats = FisherStatistics(modules, Z, self.n, self.T, skipped, self.cfg.token_mask, self.cfg.output_fisher,
-                                 meta={"model_class": type(self.model).__name__})
+                                 meta={"model_class": type(self.model).__name__}, tokens=tokens)
         check_finite(stats)
         return stats
 
