@@ -22,8 +22,8 @@ from lora_da_fast.cli import output  # noqa: E402
 from lora_da_fast.errors import ConfigError  # noqa: E402
 
 from .cli_helpers import (ROOT, adapter_bytes, args, assert_user_error, cache, cache_env, can_mount,  # noqa: E402,F401
-                          cli_command, cli_env, data, dead_pid, fake_stale_temporary, leftovers, long_args,
-                          long_data, resize, run, small_disk, tiny_cache)
+                          cli_command, cli_env, data, dead_pid, fake_stale_temporary, leftovers, resize, run,
+                          small_disk, tiny_cache)
 
 ENOSPC_SAFETENSORS = "Error while serializing: I/O error: No space left on device (os error 28)"
 
@@ -273,33 +273,31 @@ def test_full_disk_simulated(cache, data, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs root (the simulated test covers the rest)")
-def test_full_disk_on_a_real_small_tmpfs(cache, long_data, tmp_path, capsys):
+def test_full_disk_on_a_real_small_tmpfs(cache, data, tmp_path, capsys):
     # --out on a disk too small for the adapter
     with small_disk(tmp_path / "tiny", 24) as disk:
         if disk is None:
             pytest.skip("cannot mount a tmpfs here")
-        rc, _, err = run(long_args(long_data, disk / "adapter", "--quiet"), capsys)
+        rc, _, err = run(args(data, disk / "adapter", "--quiet"), capsys)
         assert_user_error(rc, err, f"cannot write the adapter {disk / 'adapter'} (no space left on device); free space")
         assert os.listdir(disk) == []
     # the built-in model's cache on a full disk
     with small_disk(tmp_path / "model_cache", 64) as disk, cache_env(disk):
-        rc, _, err = run(long_args(long_data, tmp_path / "o", "--quiet"), capsys)
+        rc, _, err = run(args(data, tmp_path / "o", "--quiet"), capsys)
         assert_user_error(rc, err, "no space left on device")
         assert "building the built-in model tiny-llama" in err and "LORA_DA_FAST_CACHE" in err
     # --stats-cache on a read-only disk: refused before any work
     with small_disk(tmp_path / "ro", 64, read_only=True) as disk:
-        rc, _, err = run(long_args(long_data, tmp_path / "o", "--quiet", "--stats-cache", disk / "s.st"), capsys)
+        rc, _, err = run(args(data, tmp_path / "o", "--quiet", "--stats-cache", disk / "s.st"), capsys)
         assert_user_error(rc, err, "is not writable")
     # --stats-cache on a disk with room for one checkpoint but not two: the second write fails; the first is
     # resumed once there is space, and the adapter is the one of an uninterrupted run (which also measures
     # the size of a checkpoint: its statistics file is as large)
-    rc, _, err = run(long_args(long_data, tmp_path / "reference", "--quiet", "--stats-cache", tmp_path / "ref.st"),
-                     capsys)
+    rc, _, err = run(args(data, tmp_path / "reference", "--quiet", "--stats-cache", tmp_path / "ref.st"), capsys)
     assert rc == 0, err
     size_kb = os.path.getsize(tmp_path / "ref.st") // 1024
     with small_disk(tmp_path / "half", size_kb * 3 // 2 + 16) as disk:
-        argv = long_args(long_data, tmp_path / "o", "--stats-cache", disk / "s.st", "--checkpoint-every", "2",
-                         "--quiet")
+        argv = args(data, tmp_path / "o", "--stats-cache", disk / "s.st", "--checkpoint-every", "1", "--quiet")
         rc, _, err = run(argv, capsys)
         assert_user_error(rc, err, f"cannot write the statistics checkpoint {disk / 's.st.partial'} (no space left on "
                                    "device); free space on that disk")
