@@ -270,7 +270,6 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None, d
     """``(model, tokenizer, folder)``: a causal LM in eval mode on ``device``, and its tokenizer.
     ``log`` (optional) is called with a line of text before a slow one-time build. ``device_map="auto"``
     splits the model over this process's GPUs (accelerate; under torchrun, over the rank's share)."""
-
     dev = resolve_device(device)
     folder, _ = resolve_model(spec, log)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -283,7 +282,7 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None, d
     if device_map is not None:
         if importlib.util.find_spec("accelerate") is None:
             raise ConfigError("--device-map auto needs the accelerate package: pip install accelerate")
-            kwargs = {"device_map": device_map, "max_memory": comm.max_memory_for_rank()}
+        kwargs = {"device_map": device_map, "max_memory": comm.max_memory_for_rank()}
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     except Exception as exc:
