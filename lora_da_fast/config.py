@@ -128,8 +128,8 @@ class LoraDAConfig:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if self.keep_tokens not in KEEP_TOKENS:
             raise ConfigError(f"keep_tokens must be one of {KEEP_TOKENS}, got {self.keep_tokens!r}")
 

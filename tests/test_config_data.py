@@ -114,3 +114,10 @@ def test_statistics_do_not_depend_on_batching(lengths, batch_size, side, token_m
         assert rel_err(b.modules[name].G, s.G) < TOL["stats_invariance_fp32"]
         assert rel_err(b.Z[s.group], a.Z[s.group]) < TOL["stats_invariance_fp32"]
         assert rel_err(b.modules[name].y, s.y) < TOL["stats_invariance_fp32"]
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 64, 10 ** 30, 1.0, True])
+def test_seed_outside_the_generators_range_is_a_config_error(seed):
+    # torch.Generator.manual_seed takes [0, 2**64): anything else must fail here, before any pass
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        LoraDAConfig(seed=seed)
