@@ -54,3 +54,24 @@ def test_errors_name_the_module():
 
 def test_note_keeps_the_reported_words():
     assert damping_note(1e-6, 1e-3).startswith("damping raised from 1e-06 to 0.001 after a failed Cholesky")
+
+
+@pytest.mark.parametrize("solver", ["reference", "batched"])
+def test_both_solvers_use_the_rule(solver):
+    """A singular Z shifted to a smallest eigenvalue of about -0.7e-6 (below -damping / 2): both solvers
+    take the rule's 1e-5 and say so; the other group keeps 1e-6."""
+    from lora_da_fast import FisherStatistics, LoraDAConfig, ModuleStatistics, solve_lora_da
+
+    gen = torch.Generator().manual_seed(4)
+    mods, Z = {}, {}
+    for g, shift in (("g0", 0.0), ("g1", -0.7e-6)):
+        Z[g] = (psd(160, 40, gen) + shift * torch.eye(160, dtype=torch.float64)).float()
+        mods[f"{g}.m"] = ModuleStatistics(g, torch.randn(24, 160, generator=gen) * 1e-2,
+                                          torch.rand(24, generator=gen) * 1e-3 + 1e-5)
+    stats = FisherStatistics(mods, Z, 10, 100)
+    res = solve_lora_da(stats, LoraDAConfig(rank=4, population_size=1000, solver=solver))
+    want = input_damping(torch.stack([stats.dense_Z(g) for g in ("g0", "g1")]), 1e-6, 1.0, ["g0", "g1"])
+    assert want == [pytest.approx(1e-6), pytest.approx(1e-5)]
+    assert res.reports["g0.m"].damping == pytest.approx(1e-6) and not res.reports["g0.m"].notes
+    assert res.reports["g1.m"].damping == pytest.approx(1e-5)
+    assert damping_note(1e-6, 1e-5) in res.reports["g1.m"].notes

@@ -59,7 +59,7 @@ from ..config import LoraDAConfig
 from ..errors import ConfigError, NumericalError
 from ..fisher import FisherStatistics
 from ..results import LoraDAResult, LoraFactors, ModuleReport
-from .steps import canonical_signs, output_damping, output_inverse
+from .steps import canonical_signs, damping_note, input_damping, output_damping, output_inverse
 
 __all__ = ["BatchedOptions", "solve_batched"]
 
@@ -855,7 +855,12 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
         if dt == torch.float32:
             dt, note = _precision_for(stats, chunk, cfg, device, gen)
             chunk_notes += [note] if note else []
-        L, lams = cholesky_stack(_sym_stack(stats, chunk, dt, device), cfg.damping, cfg.max_damping, chunk)
+        # the damping rule (steps.input_damping, float64, from the statistics alone), then the factors
+        Zs = _sym_stack(stats, chunk, dt, device)
+        chosen = input_damping(Zs, cfg.damping, cfg.max_damping, chunk)
+        Zs.diagonal(dim1=-2, dim2=-1).add_(torch.tensor(chosen, dtype=dt, device=device)[:, None] - cfg.damping)
+        L, more = cholesky_stack(Zs, cfg.damping, cfg.max_damping, chunk)
+        lams = [c - cfg.damping + m for c, m in zip(chosen, more)]
     Linv = None
     with _phase("inverse", device, t):
         if explicit_inverse:
@@ -936,7 +941,7 @@ def _emit(stats: FisherStatistics, cfg: LoraDAConfig, names: List[str], mods: Di
         notes = list(sol.notes[i])
         lam = lams[mods[m].group]
         if lam != cfg.damping:
-            notes.append(f"damping raised from {cfg.damping:g} to {lam:g} after a failed Cholesky")
+            notes.append(damping_note(cfg.damping, lam))
         if gap < 1e-6:
             notes.append(f"ill-defined subspace: eigenvalues {r} and {r + 1} of M differ by {gap:.1e} of ||M||; "
                          "this subspace is one of a family of (nearly) equally good ones")

@@ -9,7 +9,8 @@ from ..config import LoraDAConfig
 from ..errors import NumericalError
 from ..fisher import FisherStatistics
 from ..results import LoraDAResult, ModuleReport
-from .steps import canonical_signs, cholesky_with_retry, fisher_gradient, guidance, output_damping, output_inverse, to_factors
+from .steps import (canonical_signs, cholesky_with_retry, damping_note, fisher_gradient, guidance, output_damping,
+                    output_inverse, to_factors)
 
 
 def solve_reference(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = False) -> LoraDAResult:
@@ -43,7 +44,7 @@ def solve_reference(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool =
             f = to_factors(A0, D, cfg.gamma)
             notes = []
             if lam != cfg.damping:
-                notes.append(f"damping raised from {cfg.damping:g} to {lam:g} after a failed Cholesky")
+                notes.append(damping_note(cfg.damping, lam))
             result[name] = f
             result.reports[name] = ModuleReport(
                 d_in=st.d_in, d_out=st.d_out, group=group, damping=lam, output_damping=lam_y,

@@ -41,32 +41,31 @@ def input_damping(Z: torch.Tensor, damping: float, max_damping: float, names: Se
 
     :class:`NumericalError` naming ``names[i]`` when even ``max_damping`` does not do; a non-finite
     ``Z`` is reported as such."""
-    Z64 = Z.to(torch.float64)
-    Z64 = Z64[None] if Z64.dim() == 2 else Z64
-    Zs = Z64 + Z64.transpose(-1, -2)  # 2 sym(Z); float64 copies only (the caller's Z is left as it is)
-    Zs.mul_(0.5)
-    for i, ok in enumerate(torch.isfinite(Zs).flatten(1).all(dim=1).tolist()):
-        if not ok:
+    stack = Z[None] if Z.dim() == 2 else Z
+    lams = []
+    for i in range(stack.shape[0]):  # one matrix at a time: two float64 copies of one Z at most in memory
+        Zi = stack[i].to(torch.float64)
+        Zs = Zi + Zi.transpose(-1, -2)  # 2 sym(Z), a copy: the caller's Z is left as it is
+        Zs.mul_(0.5)
+        if not bool(torch.isfinite(Zs).all()):
             raise NumericalError(f"the input factor of {names[i]} is not finite")
-    lams = [float(damping)] * Zs.shape[0]
-    todo = list(range(Zs.shape[0]))
-    while todo:
-        Zt = Zs if len(todo) == Zs.shape[0] else Zs[torch.tensor(todo, device=Zs.device)]
-        shift = torch.tensor([(1 - DAMPING_MARGIN) * lams[i] for i in todo], dtype=torch.float64, device=Zs.device)
-        Zt.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
-        L, info = torch.linalg.cholesky_ex(Zt)
-        ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
-        Zt.diagonal(dim1=-2, dim2=-1).sub_(shift[:, None])
-        del L
-        failed = [i for i, good in zip(todo, ok.tolist()) if not good]
-        for i in failed:
-            if lams[i] * 10 > max_damping * (1 + 1e-12):
+        diag = Zs.diagonal()
+        lam = float(damping)
+        while True:
+            shift = (1 - DAMPING_MARGIN) * lam
+            diag.add_(shift)
+            L, info = torch.linalg.cholesky_ex(Zs)
+            ok = int(info) == 0 and bool(torch.isfinite(L.diagonal()).all())
+            diag.sub_(shift)
+            del L
+            if ok:
+                break
+            if lam * 10 > max_damping * (1 + 1e-12):
                 raise NumericalError(
-                    f"Cholesky factorisation of the input factor of {names[i]} failed even with damping {lams[i]:g} "
-                    f"(max_damping={max_damping:g}): its smallest eigenvalue is below "
-                    f"-{(1 - DAMPING_MARGIN) * lams[i]:g}")
-            lams[i] *= 10
-        todo = failed
+                    f"Cholesky factorisation of the input factor of {names[i]} failed even with damping {lam:g} "
+                    f"(max_damping={max_damping:g}): its smallest eigenvalue is below -{shift:g}")
+            lam *= 10
+        lams.append(lam)
     return lams
 
 
