@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from lora_da_fast import LoraDAConfig, collect_statistics, run_lora_da, solve_lora_da
+from lora_da_fast import LoraDAConfig, collect_statistics, solve_lora_da
 from lora_da_fast.compat import (authors_target_names, estimate_lora_da_initializations,
                                  estimate_lora_da_initializations_for_betas)
 from lora_da_fast.errors import ConfigError, DataError, TargetError
