@@ -56,12 +56,18 @@ def _dumps(obj) -> bytes:
 
 
 def data_digest(examples: Sequence[Example]) -> str:
-    """Digest of every example's tokens and labels, in pass order."""
+    """Digest of every example's tokens, labels and other fields (a class label, per-token weights: what
+    a ``loss_fn`` may read), in pass order."""
     h = hashlib.sha256()
     for e in examples:
         h.update(e.input_ids.numpy().tobytes())
         h.update(b"|")
         h.update(e.labels.numpy().tobytes())
+        for kind, table in (("t", e.token_fields), ("e", e.fields)):
+            for name in sorted(table):  # examples without fields hash as before
+                t = table[name].detach().cpu().contiguous()
+                h.update(f"|{kind}:{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+                h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
         h.update(b";")
     return h.hexdigest()
 

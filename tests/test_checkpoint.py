@@ -99,3 +99,20 @@ def test_non_finite_gradients_are_named_by_module_and_example():
                                              rf"examples {lengths.index(11)} "):
         collect_statistics(model, ex, LoraDAConfig(batch_size=1, backend="torch"), progress=False)
     h.remove()
+
+
+def test_data_digest_covers_per_example_fields():
+    """A checkpoint or statistics file made with other class labels (what a loss_fn reads) is another
+    calibration set: its data digest differs; examples without fields keep their digest."""
+    import torch
+
+    from lora_da_fast.checkpoint import data_digest
+    from lora_da_fast.data import prepare_examples
+
+    def digest(**extra):
+        exs, _ = prepare_examples([{"input_ids": torch.tensor([1, 2, 3]), **extra}], sort_by_length=False)
+        return data_digest(exs)
+
+    assert digest(labels=torch.tensor(1)) != digest(labels=torch.tensor(0))
+    assert digest(weights=torch.tensor([1.0, 2.0, 3.0])) != digest(weights=torch.tensor([1.0, 2.0, 4.0]))
+    assert digest() == digest()
