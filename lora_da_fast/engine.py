@@ -25,7 +25,7 @@ from .config import LoraDAConfig
 from .data import Example, prepare_examples
 from .errors import ConfigError, DataError, TargetError
 from .fisher import FisherStatistics
-from .plan import plan_slices
+from .plan import PeakMemory, plan_slices
 from .results import LoraDAResult, check_factors
 from .solve import solve_local, solve_sharded
 from .statistics import StatisticsPass, reduce_over_ranks, run_pass
@@ -84,8 +84,8 @@ def fingerprint(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     and then passes it to the run (``fingerprint=``), so the weights are checksummed once."""
     _check_num_examples(num_examples)
     targets = find_target_modules(model, cfg.target_modules)
-    slices, _ = plan_slices(targets, cfg)
     exs, _ = prepare_examples(examples, cfg.sort_by_length, num_examples)
+    slices, _ = plan_slices(targets, cfg, model, exs)
     return ckpt.fingerprint_parts(model, cfg, targets, exs, slices)
 
 
@@ -153,12 +153,13 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
         result.info = info
         return result
 
-    slices, plan = plan_slices(targets, cfg)
+    exs, skipped = prepare_examples(examples, cfg.sort_by_length, num_examples)
+    slices, plan = plan_slices(targets, cfg, model, exs)
     info["plan"] = plan
+    peak = PeakMemory(next(iter(targets.values())).weight.device)
     if say and plan["passes"] > 1:
         say(f"plan: {len(targets)} target modules in {plan['layers']} layers, statistics "
             f"{plan['statistics_gb']:.2f} GB fp32; {plan['passes']} passes of {plan['layers_per_pass']} layers")
-    exs, skipped = prepare_examples(examples, cfg.sort_by_length, num_examples)
     check_model_loaded(model)
     check_examples_fit(model, example_ids(exs))  # token ids and positions the model has: before the pass
     mine: List[Example] = list(comm.shard(exs)) if comm.is_active() else exs
@@ -247,7 +248,7 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
                           {n: result.reports[n] for n in targets if n in result.reports})
     result.statistics = final if keep else None
     info.update(examples=final.num_examples, tokens=final.num_tokens, skipped=final.num_skipped,
-                total_s=time.perf_counter() - t_start)
+                total_s=time.perf_counter() - t_start, memory=peak.report(plan))
     result.info = info
     return result
 

@@ -95,6 +95,9 @@ def print_summary(report: dict, stream=None) -> None:
     line = f"peak memory: CPU RSS {mem['cpu_max_rss_gb']:.2f} GB"
     if "cuda_max_allocated_gb" in mem:
         line += f", CUDA allocated {mem['cuda_max_allocated_gb']:.2f} GB"
+    planned = (report.get("plan") or {}).get("planned_peak_bytes")
+    if planned:  # the memory plan: weights + statistics + the larger of the pass's activations and the solve
+        line += f"; planned {planned / 2**30:.2f} GB"
     print(line, file=stream)
     print(f"adapter: {report['adapter']} (load with PeftModel.from_pretrained(base, {report['adapter']!r}, is_trainable=True); "
           f"report: {REPORT_FILE})", file=stream)
