@@ -13,6 +13,7 @@ OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
 BACKENDS = ("auto", "torch", "triton")
 SOLVERS = ("auto", "batched", "reference")
 KEEP_TOKENS = ("auto", "always", "never")
+SENSITIVITY = ("auto", "always", "never")
 
 
 def _positive_number(name: str, value, allow_zero: bool = False) -> None:
@@ -56,6 +57,11 @@ class LoraDAConfig:
             groups with few tokens (at most twice ``d_in``) and solves them exactly in token space, in
             float64 (docs/algorithm.md, "Two paths"); ``"always"`` for every group, ``"never"`` for none
             (the input-factor path only). Decided from the final token count, the same on every rank.
+        sensitivity: measure how much ``lora_B @ lora_A`` moves when every entry of the statistics moves by
+            one fp32 ulp (a second solve on perturbed statistics), reported per module and flagged above
+            1e-4 (docs/algorithm.md, "Is the result determined by the data?"). ``"auto"``: for the groups
+            solved through their tokens (a second token-space solve, cheap); ``"always"``: for every
+            group (the input-factor groups' solve is done twice); ``"never"``.
     """
 
     rank: int = 8
@@ -76,6 +82,7 @@ class LoraDAConfig:
     max_damping: float = 1.0
     seed: int = 0
     keep_tokens: str = "auto"
+    sensitivity: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -132,6 +139,8 @@ class LoraDAConfig:
             raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if self.keep_tokens not in KEEP_TOKENS:
             raise ConfigError(f"keep_tokens must be one of {KEEP_TOKENS}, got {self.keep_tokens!r}")
+        if self.sensitivity not in SENSITIVITY:
+            raise ConfigError(f"sensitivity must be one of {SENSITIVITY}, got {self.sensitivity!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -92,3 +92,28 @@ def test_keep_tokens_never_and_always():
     always = run_lora_da(model, examples, LoraDAConfig(rank=4, population_size=100, keep_tokens="always"),
                          progress=False, keep_statistics=True)
     assert set(always.statistics.tokens.X) == set(always.statistics.Z)
+
+
+def test_sensitivity_flags_what_the_data_does_not_determine():
+    """One fp32 ulp in the statistics: the token path's adapters barely move (o_proj included); through
+    the input factors, o_proj of a tiny random model (Z's condition number ~1e6, more tokens than inputs)
+    moves by more than 1e-3 and is flagged."""
+    from lora_da_fast.solve.sensitivity import SENSITIVITY_FLAG
+
+    model = tiny_llama()
+    few = random_examples(7, seed=1, min_len=5, max_len=9)
+    res = run_lora_da(model, few, LoraDAConfig(rank=4, population_size=1000), progress=False)
+    sens = {n: r.sensitivity for n, r in res.reports.items()}
+    print("token path:", {n.split("layers.")[-1]: f"{v:.1e}" for n, v in sens.items()})
+    assert all(v is not None and v < SENSITIVITY_FLAG for v in sens.values())
+    many = random_examples(40, seed=2, min_len=20, max_len=40)
+    cfg = LoraDAConfig(rank=4, population_size=1000, sensitivity="always", keep_tokens="never")
+    dense = run_lora_da(model, many, cfg, progress=False)
+    sens = {n: r.sensitivity for n, r in dense.reports.items()}
+    print("input factors:", {n.split("layers.")[-1]: f"{v:.1e}" for n, v in sens.items()})
+    flagged = {n for n, r in dense.reports.items() if any("not determined by the data" in x for x in r.notes)}
+    assert flagged == {n for n, v in sens.items() if v > SENSITIVITY_FLAG}
+    assert any(n.endswith("o_proj") for n in flagged)
+    # the default measures the token path only
+    default = run_lora_da(model, many, LoraDAConfig(rank=4, population_size=1000), progress=False)
+    assert all(r.sensitivity is None for r in default.reports.values())

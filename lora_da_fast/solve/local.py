@@ -10,6 +10,7 @@ from ..fisher import FisherStatistics, check_finite
 from ..results import LoraDAResult
 from .batched import solve_batched
 from .reference import solve_reference
+from .sensitivity import measure_sensitivity
 from .steps import check_nonzero, check_rank
 from .token_space import solve_token_groups, token_path_groups
 
@@ -39,11 +40,14 @@ def solve_local(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = Fal
     solver = solve_reference if cfg.solver == "reference" else solve_batched
     through_tokens = token_path_groups(stats, cfg)
     if not through_tokens:
-        return solver(stats, cfg, progress=progress)
-    res = solve_token_groups(stats, cfg, through_tokens)
-    rest = [n for n, st in stats.modules.items() if st.group not in set(through_tokens)]
-    if rest:
-        more = solver(stats.subset(rest), cfg, progress=progress)
-        res.update(more)
-        res.reports.update(more.reports)
-    return LoraDAResult({n: res[n] for n in stats.modules}, {n: res.reports[n] for n in stats.modules})
+        res = solver(stats, cfg, progress=progress)
+    else:
+        res = solve_token_groups(stats, cfg, through_tokens)
+        rest = [n for n, st in stats.modules.items() if st.group not in set(through_tokens)]
+        if rest:
+            more = solver(stats.subset(rest), cfg, progress=progress)
+            res.update(more)
+            res.reports.update(more.reports)
+        res = LoraDAResult({n: res[n] for n in stats.modules}, {n: res.reports[n] for n in stats.modules})
+    measure_sensitivity(stats, cfg, res, through_tokens, solver)
+    return res

@@ -24,6 +24,7 @@ Cost: one SVD of ``X`` (``O(T_all d_in min(T_all, d_in))``) per group, per modul
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -191,13 +192,16 @@ def token_path_groups(stats: FisherStatistics, cfg: LoraDAConfig) -> List[str]:
 def solve_token_groups(stats: FisherStatistics, cfg: LoraDAConfig, groups: Sequence[str]) -> LoraDAResult:
     """The modules of ``groups`` (all with kept tokens) through their tokens, in float64. The output
     statistics ``y`` (or the per-example sums) are recomputed from the tokens in float64 too
-    (:func:`token_output_moments`), so that nothing of the result depends on the pass's summation order."""
+    (:func:`token_output_moments`), so that nothing of the result depends on the pass's summation order.
+
+    On a CPU the groups are solved by parallel worker threads (torch's thread count), one intra-op thread
+    each: the products are small, and several threads on one of them mostly wait on each other. Each
+    group's result does not depend on which worker solved it."""
     tokens = stats.tokens
     members = stats.groups()
     mode = stats.output_fisher
-    factors: Dict[str, LoraFactors] = {}
-    reports: Dict[str, ModuleReport] = {}
-    for g in groups:
+
+    def solve(g: str) -> Tuple[Dict[str, LoraFactors], Dict[str, ModuleReport]]:
         names = members[g]
         us, lam_ys, deltas = {}, {}, {}
         for m in names:
@@ -208,9 +212,27 @@ def solve_token_groups(stats: FisherStatistics, cfg: LoraDAConfig, groups: Seque
             lam_ys[m] = output_damping(st, cfg)
             us[m] = output_inverse(st, stats.num_examples, lam_ys[m], mode)
             deltas[m] = delta
-        f, r = solve_group_tokens(g, tokens.X[g], tokens.selected, deltas, us, lam_ys, stats.num_examples,
+        return solve_group_tokens(g, tokens.X[g], tokens.selected, deltas, us, lam_ys, stats.num_examples,
                                   stats.num_tokens, cfg)
-        for m in names:  # the factors live where the statistics do
+
+    threads = torch.get_num_threads()
+    on_cpu = all(tokens.X[g].device.type == "cpu" for g in groups)
+    workers = max(1, min(threads, len(groups))) if on_cpu else 1
+    done: Dict[str, Tuple[Dict[str, LoraFactors], Dict[str, ModuleReport]]] = {}
+    try:
+        if workers > 1:
+            torch.set_num_threads(1)
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-da-tokens") as pool:
+                done = dict(zip(groups, pool.map(solve, groups)))
+        else:
+            done = {g: solve(g) for g in groups}
+    finally:
+        torch.set_num_threads(threads)
+    factors: Dict[str, LoraFactors] = {}
+    reports: Dict[str, ModuleReport] = {}
+    for g in groups:
+        f, r = done[g]
+        for m in members[g]:  # the factors live where the statistics do
             out = stats.modules[m].G.device
             factors[m] = LoraFactors(f[m].lora_A.to(out), f[m].lora_B.to(out))
             reports[m] = r[m]
