@@ -1,8 +1,9 @@
 """The batched solver's inner product, alone: a stack of square factors times a narrow block
-(``[b, n, n] @ [b, n, k]``, what every LOBPCG iteration does four times with ``L^{-1}`` on a GPU), in
-float64 and float32, with the bandwidth it reaches (bytes of the factors read per second). A GPU's
-memory bandwidth bounds this product for narrow blocks, so a low figure here means the solve's
-iterations run below the hardware's speed.
+(``[b, n, n] @ [b, n, k]``, what every LOBPCG iteration does twice with the explicit ``Zd^{-1}`` on a GPU,
+its ``k`` the residual columns of the ``c`` modules sharing the factor side by side), in float64 and
+float32, with the bandwidth it reaches (bytes of the factors read per second). A GPU's memory bandwidth
+bounds this product for narrow blocks, so a low figure here means the solve's iterations run below the
+hardware's speed.
 
     python benchmarks/bench_apply.py --device cuda --out DIR
     python benchmarks/bench_apply.py --device cpu --sizes 576,1536 --stack 1,2     (a CPU, small)
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default="4096,11008", help="factor sizes n (comma-separated)")
     ap.add_argument("--stack", default="1,8", help="stack sizes b (comma-separated)")
-    ap.add_argument("--cols", default="8,16,32,48", help="block widths k (comma-separated)")
+    ap.add_argument("--cols", default="8,16,24,32", help="block widths k (comma-separated)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget-gb", type=float, default=20.0, help="skip stacks whose factors exceed this")
     ap.add_argument("--out", default=None)

@@ -21,6 +21,14 @@ Two ways to run it:
   With ``llama7b`` the per-module methods run on ``--ref-modules`` modules only (default 4, all with
   ``d_in = 4096``); their total over the 224 modules is extrapolated from those and marked ``~``.
 
+- proxies of the GPU solve measured on a CPU (issue 17; ``benchmarks/solver_proxies.py``), today's
+  solver (``--baseline``, a git revision of ``lora_da_fast/solve/batched.py``) next to the current one in
+  one run: bytes per operator pass and fixed flops of the 7B and 1B shapes, device kernels, host syncs and
+  host time per LOBPCG iteration on the CUDA code path, and on each ``--stats`` file (comma-separated)
+  operator passes per module, errors against the dense float64 reference and the CPU solve time::
+
+      python benchmarks/bench_solver.py --proxies --stats SMOLLM2,RANDOM --threads 2 --out /tmp/proxies
+
 Statistics: for every input group a symmetric positive definite ``Z`` with a geometric spectrum that
 moves, layer by layer, from ``4e-9..0.6`` (first layer) to ``1e-3..4e4`` (last), the values seen on
 SmolLM2 (ALGORITHM.md); gradients ``G`` in the range of ``Z`` (``G^T = Q diag(sqrt(s)) W``, ``W`` of low
@@ -103,10 +111,14 @@ def synthetic_statistics(shape: str = "smollm2", layers: Optional[int] = None, d
 
 
 def subset(stats: FisherStatistics, names: Sequence[str]) -> FisherStatistics:
-    mods = {n: stats.modules[n] for n in names}
-    groups = {st.group for st in mods.values()}
-    return FisherStatistics(mods, {g: stats.Z[g] for g in groups}, stats.num_examples, stats.num_tokens,
-                            output_fisher=stats.output_fisher)
+    return stats.subset(list(names))
+
+
+def dense_z(stats: FisherStatistics, group: str) -> torch.Tensor:
+    """The dense float64 ``Z`` of ``group`` (the statistics may keep it packed)."""
+    if hasattr(stats, "dense_Z"):
+        return stats.dense_Z(group, torch.float64)
+    return stats.Z[group].double()
 
 
 def solve_lobpcg10(stats: FisherStatistics, cfg: LoraDAConfig, niter: int = 10) -> LoraDAResult:
@@ -210,6 +222,105 @@ def run(shape: str, device: str, layers: Optional[int] = None, ref_modules: Opti
     return rows
 
 
+# --------------------------------------------------------------------------------------------------
+# Proxies of the GPU solve, measured on a CPU, today's solver next to the current one (issue 17)
+
+# the solver before issue 17: Rayleigh-Ritz on the host, explicit L^{-1} read four times per pass, a second
+# LOBPCG for sigma, the norm of Zd^{-1} by power iteration
+BASELINE_REV = "b74eaa6"
+
+
+def proxies(stats_paths: Sequence[str], baseline_rev: str = BASELINE_REV, threads: int = 2, repeat: int = 2,
+            ref_modules: Optional[int] = None, tiny_stacks: Sequence[int] = (1, 8, 64)) -> dict:
+    """Every proxy of ``solver_proxies`` for today's solver (``baseline_rev``) and the current one, and on
+    each statistics file: passes per module, errors against the dense float64 reference (on
+    ``ref_modules`` modules, all by default) and the CPU solve time with ``threads`` threads (interleaved,
+    best of ``repeat``; ``repeat=0``: not timed)."""
+    import solver_proxies as sp
+
+    torch.set_num_threads(threads)
+    base = sp.load_baseline(baseline_rev)
+    out = {"baseline": baseline_rev, "threads": threads}
+    out["shapes"] = {shape: sp.shape_proxies(base, shape) for shape in ("llama7b", "llama1b")}
+    print("shapes:", out["shapes"], flush=True)
+    with_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-iteration counts and host time: one thread, tiny sizes
+    out["iterations"] = sp.iteration_counts(base, stacks=tiny_stacks)
+    torch.set_num_threads(with_threads)
+    for row in out["iterations"]:
+        print({k: v for k, v in row.items() if k != "top_ops"}, flush=True)
+    out["stats"] = {}
+    for path in stats_paths:
+        stats = FisherStatistics.load(path)
+        cfg = LoraDAConfig(rank=8, beta=0.03, population_size=100_000)
+        groups = stats.groups()
+        weights = {m: sp.module_pass_bytes(stats, m, groups) for m in stats.modules}
+        passes, gpu_res = sp.passes_per_module(base, stats, cfg, threads)
+        row = {}
+        for label, p in passes.items():
+            vals = [p[m] for m in stats.modules]
+            row[label] = dict(passes_wmedian=sp.weighted_median(vals, [weights[m] for m in stats.modules]),
+                              passes_min=min(vals), passes_max=max(vals), passes_median=pystats.median(vals))
+        names = list(stats.modules)
+        if ref_modules:
+            names = sorted(names, key=lambda m: (stats.modules[m].d_in, names.index(m)))[:ref_modules]
+        ref = solve_reference(subset(stats, names), cfg)
+        for label in ("today", "new"):  # errors of the CUDA code path
+            errs = rel_errors(LoraDAResult({m: gpu_res[label][m] for m in names}), ref)
+            row[label].update(max_rel_err=max(errs), median_rel_err=pystats.median(errs), modules_checked=len(names))
+        if repeat:
+            # CPU solve time, each solver with its CPU defaults, interleaved: today's solver (dense Z, as it
+            # reads them) and the current one
+            dense = sp.DenseZStats(stats)
+            best = {"today": (math.inf, math.inf), "new": (math.inf, math.inf)}
+            res = {}
+            for _ in range(repeat):
+                for label, fn in (("today", lambda: base.solve_batched(dense, cfg)),
+                                  ("new", lambda: solve_batched(stats, cfg))):
+                    w, c, res[label] = timed(fn)
+                    best[label] = min(best[label], (w, c))
+                    print(f"{os.path.basename(path)} {label}: {w:.2f} s wall, {c:.2f} s CPU", flush=True)
+            for label in ("today", "new"):
+                errs = rel_errors(LoraDAResult({m: res[label][m] for m in names}), ref)
+                row[label].update(seconds=best[label][0], cpu_seconds=best[label][1], cpu_max_rel_err=max(errs))
+        row["modules"] = len(stats.modules)
+        out["stats"][os.path.basename(path)] = row
+        print(os.path.basename(path), row, flush=True)
+    return out
+
+
+def format_proxies(p: dict) -> str:
+    """Markdown tables of :func:`proxies`, with the targets of issue 17."""
+    lines = [f"Today = `lora_da_fast/solve/batched.py` at {p['baseline']}; new = the working tree.", ""]
+    lines.append("| proxy (shapes, meta tensors) | today | new | target |")
+    lines.append("|---|---|---|---|")
+    for shape, r in p["shapes"].items():
+        lines.append(f"| bytes per operator pass, all modules, {shape} (GB) | {r['today']['pass_gb']:.1f} | "
+                     f"{r['new']['pass_gb']:.1f} | {'<= 150' if shape == 'llama7b' else ''} |")
+        lines.append(f"| fixed flops: Cholesky + inverse, {shape} (TFLOP) | {r['today']['fixed_tflop']:.1f} | "
+                     f"{r['new']['fixed_tflop']:.1f} | {'<= 50' if shape == 'llama7b' else ''} |")
+        lines.append(f"| norm estimate of Zd^-1, {shape} (GB read) | {r['today']['norm_gb']:.0f} | "
+                     f"{r['new']['norm_gb']:.0f} | 0 |")
+    lines += ["", "| per LOBPCG iteration, CUDA code path on CPU tensors, n=96 | modules per factor | stack | "
+              "device kernels | host syncs | host LAPACK/BLAS ops | CPU ms (all work) | host linear algebra ms | "
+              "host ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in p["iterations"]:
+        lines.append(f"| {r['solver']} | {r['modules_per_factor']} | {r['stack']} | {r['kernels']:.0f} | "
+                     f"{r['syncs']:.0f} | {r['host_ops']:.0f} | {r['ms']:.2f} | {r['host_lapack_ms']:.2f} | "
+                     f"{r['host_ms']:.2f} |")
+    for name, r in p["stats"].items():
+        lines += ["", f"| {name} ({r['modules']} modules) | passes per module, CUDA code path: bytes-weighted "
+                  "median (min / median / max) | max rel err | median rel err | CPU solve, "
+                  f"{p['threads']} threads: wall s | CPU s | max rel err |", "|---|---|---|---|---|---|---|"]
+        for label in ("today", "new"):
+            q = r[label]
+            timing = (f"{q['seconds']:.2f} | {q['cpu_seconds']:.2f} | {q['cpu_max_rel_err']:.1e}" if "seconds" in q
+                      else "not timed | | ")
+            lines.append(f"| {label} | {q['passes_wmedian']:.1f} ({q['passes_min']:.1f} / {q['passes_median']:.1f} / "
+                         f"{q['passes_max']:.1f}) | {q['max_rel_err']:.1e} | {q['median_rel_err']:.1e} | {timing} |")
+    return "\n".join(lines)
+
+
 def format_table(rows: List[dict], shape: str, device: str) -> str:
     cpu = device == "cpu"
     head = f"| method ({shape}, {device}) | wall s | batched x faster (wall) |"
@@ -250,15 +361,33 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="directory for results.json and table.md")
     ap.add_argument("--phases", action="store_true",
                     help="after the timed runs, one more batched run printing per-phase times")
+    ap.add_argument("--proxies", action="store_true",
+                    help="the CPU proxies of the GPU solve (issue 17), today's solver (--baseline) next to the "
+                         "current one: bytes per pass and fixed flops of the 7B/1B shapes, kernels, syncs and "
+                         "host time per iteration, and on each --stats file passes per module, errors and time")
+    ap.add_argument("--baseline", default=BASELINE_REV, help="git revision of today's solver for --proxies")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    if args.stats is not None and not os.path.isfile(args.stats):
+    if args.stats is not None and not args.proxies and not os.path.isfile(args.stats):
         print(f"--stats: no such file: {args.stats}", file=sys.stderr)
         return 2
+    if args.proxies:
+        paths = args.stats.split(",") if args.stats else []
+        for path in paths:
+            if not os.path.isfile(path):
+                print(f"--stats: no such file: {path}", file=sys.stderr)
+                return 2
+        result = proxies(paths, args.baseline, args.threads or 2, args.repeat, args.ref_modules)
+        table = format_proxies(result)
+        print(table)
+        if args.out:
+            result["env"], result["git"] = environment("cpu"), git_state()
+            write_results(args.out, {"proxies.json": result, "proxies.md": table})
+        return 0
     try:
         extras = [int(e) for e in args.extra.split(",")] if args.extra else None
     except ValueError:
