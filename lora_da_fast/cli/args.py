@@ -121,8 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--damping", type=_positive_float, default=1e-6,
                     help="damping added to both Kronecker factors (default: %(default)s)")
     da.add_argument("--max-damping", type=_positive_float, default=1.0,
-                    help="when a Cholesky factorisation fails the damping is raised tenfold, up to this bound; "
-                         "the damping used is in the table and the report (default: %(default)s)")
+                    help="when the input statistics are not positive definite within damping/2 (fp32 rounding of a "
+                         "singular input factor) the damping is raised tenfold, up to this bound; the damping used "
+                         "is in the table and the report (default: %(default)s)")
+    da.add_argument("--keep-tokens", choices=("auto", "always", "never"), default="auto",
+                    help="keep every token's inputs and output gradients and solve exactly through them (float64, "
+                         "the same result whatever the batch size or number of ranks): auto for the input groups "
+                         "with at most twice as many tokens as inputs (default: %(default)s)")
+    da.add_argument("--sensitivity", choices=("auto", "always", "never"), default="auto",
+                    help="measure how much each module's adapter moves when the statistics move by one fp32 ulp, "
+                         "and flag the modules the data does not determine: auto for the groups solved through "
+                         "their tokens, always for every group (solved twice) (default: %(default)s)")
     da.add_argument("--seed", type=_seed, default=0,
                     help="seed of the iterative eigensolver's start vectors; the subspace does not depend on it "
                          "(default: %(default)s)")

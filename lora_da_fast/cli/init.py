@@ -82,7 +82,8 @@ def _lora_da_config(args, population) -> LoraDAConfig:
         return LoraDAConfig(rank=args.rank, population_size=population, beta=args.beta, gamma=args.gamma,
                             damping=args.damping, max_damping=args.max_damping, seed=args.seed,
                             token_mask=args.token_mask, batch_size=args.batch_size,
-                            layers_per_pass=args.layers_per_pass)
+                            layers_per_pass=args.layers_per_pass, keep_tokens=args.keep_tokens,
+                            sensitivity=args.sensitivity)
     except ConfigError as exc:
         raise ConfigError(f"invalid LoRA-DA settings: {exc}") from None
 

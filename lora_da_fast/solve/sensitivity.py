@@ -26,15 +26,21 @@ SENSITIVITY_FLAG = 1e-4
 ULP32 = 2.0 ** -23  # one fp32 ulp, relative (at a mantissa of 1)
 
 
-def one_ulp(t: Optional[torch.Tensor], name: str, seed: int) -> Optional[torch.Tensor]:
+def one_ulp(t: Optional[torch.Tensor], name: str, seed: int, same_rows: bool = False) -> Optional[torch.Tensor]:
     """``t`` with every entry moved by one fp32 ulp, up or down at random (the signs drawn from ``seed``
     and ``name``, so a tensor gets the same perturbation whichever modules are solved with it). fp32
     tensors move to their neighbouring fp32 numbers; others (float64 or half-precision tokens) by the
-    relative amount ``2^-23``, in float64."""
+    relative amount ``2^-23``, in float64. ``same_rows``: equal rows move alike (the inputs of tokens
+    with the same prefix, e.g. every example's first token, are equal in every run: independent
+    perturbations would invent directions the data never has)."""
     if t is None:
         return None
     gen = torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(name.encode())) % (2 ** 63))
-    up = torch.randint(0, 2, t.shape, generator=gen, dtype=torch.bool).to(t.device)
+    if same_rows and t.dim() == 2 and t.shape[0] > 0:
+        rows, inverse = torch.unique(t.cpu(), dim=0, return_inverse=True)
+        up = torch.randint(0, 2, rows.shape, generator=gen, dtype=torch.bool)[inverse].to(t.device)
+    else:
+        up = torch.randint(0, 2, t.shape, generator=gen, dtype=torch.bool).to(t.device)
     if t.dtype == torch.float32:
         inf = torch.tensor(float("inf"), dtype=t.dtype, device=t.device)
         return torch.nextafter(t, torch.where(up, inf, -inf))
@@ -54,7 +60,7 @@ def perturbed(stats: FisherStatistics, names: Sequence[str], token_groups: Seque
     tokens = None
     if token_groups:
         t = stats.tokens
-        tokens = TokenStatistics(t.key, t.selected, {g: one_ulp(t.X[g], f"X.{g}", seed) for g in token_groups},
+        tokens = TokenStatistics(t.key, t.selected, {g: one_ulp(t.X[g], f"X.{g}", seed, True) for g in token_groups},
                                  {m: one_ulp(t.delta[m], f"D.{m}", seed) for m in names if m in t.delta})
     return FisherStatistics(modules, Z, stats.num_examples, stats.num_tokens, stats.num_skipped, stats.token_mask,
                             stats.output_fisher, dict(stats.meta), tokens)
