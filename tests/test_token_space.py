@@ -41,7 +41,8 @@ def tokens(gen, T_all, d_in, d_outs, duplicates=0, scale=1.0, spread=0.0):
     for j in range(duplicates):
         X[T_all - 1 - j] = X[j]
     deltas = {f"m{i}": torch.randn(T_all, d, generator=gen, dtype=torch.float64) * 1e-2 for i, d in enumerate(d_outs)}
-    us = {k: 1.0 / (torch.rand(v.shape[1], generator=gen, dtype=torch.float64) * 1e-3 + 1e-4) for k, v in deltas.items()}
+    us = {k: 1.0 / (torch.rand(v.shape[1], generator=gen, dtype=torch.float64) * 1e-3 + 1e-4)
+          for k, v in deltas.items()}
     return X.float().double(), deltas, us  # fp32-representable, as a pass stores them
 
 
