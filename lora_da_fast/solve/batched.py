@@ -387,7 +387,7 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
             chunk_notes += [note] if note else []
         # the damping rule (steps.input_damping, float64, from the statistics alone), then the factors
         Zs = _sym_stack(stats, chunk, dt, device)
-        chosen = input_damping(Zs, cfg.damping, cfg.max_damping, chunk)
+        chosen = input_damping(Zs, cfg.damping, cfg.max_damping, chunk, symmetric=True)
         Zs.diagonal(dim1=-2, dim2=-1).add_(torch.tensor(chosen, dtype=dt, device=device)[:, None] - cfg.damping)
         L, more = cholesky_stack(Zs, cfg.damping, cfg.max_damping, chunk)
         lams = [c - cfg.damping + m for c, m in zip(chosen, more)]

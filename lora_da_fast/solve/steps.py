@@ -26,7 +26,8 @@ def damping_note(damping: float, lam: float) -> str:
             "fp32 rounding of a singular or ill-conditioned input factor)")
 
 
-def input_damping(Z: torch.Tensor, damping: float, max_damping: float, names: Sequence[str]) -> List[float]:
+def input_damping(Z: torch.Tensor, damping: float, max_damping: float, names: Sequence[str],
+                  symmetric: bool = False) -> List[float]:
     """The damping of each input factor of a stack ``Z`` (``[g, d, d]``, or one ``[d, d]`` matrix; any
     float dtype), a function of the final statistics alone, computed in float64 the same way by every
     solver and in every run (docs/algorithm.md, "The damping rule"):
@@ -39,33 +40,40 @@ def input_damping(Z: torch.Tensor, damping: float, max_damping: float, names: Se
     would amplify rounding by far more). The default ``damping`` is kept whenever ``Z`` is positive
     semi-definite to within ``damping / 2``, as the statistics of exact arithmetic are.
 
-    :class:`NumericalError` naming ``names[i]`` when even ``max_damping`` does not do; a non-finite
-    ``Z`` is reported as such."""
+    ``symmetric``: ``Z`` is already symmetric; a float64 stack is then used in place (its diagonal is
+    shifted for the test and restored bit for bit), with no copy but the factor. :class:`NumericalError`
+    naming ``names[i]`` when even ``max_damping`` does not do; a non-finite ``Z`` is reported as such."""
     stack = Z[None] if Z.dim() == 2 else Z
-    lams = []
-    for i in range(stack.shape[0]):  # one matrix at a time: two float64 copies of one Z at most in memory
-        Zi = stack[i].to(torch.float64)
-        Zs = Zi + Zi.transpose(-1, -2)  # 2 sym(Z), a copy: the caller's Z is left as it is
-        Zs.mul_(0.5)
-        if not bool(torch.isfinite(Zs).all()):
+    if symmetric and stack.dtype == torch.float64:
+        work = stack
+    else:
+        work = stack.to(torch.float64)
+        work = work + work.transpose(-1, -2)  # 2 sym(Z), a copy: the caller's Z is left as it is
+        work.mul_(0.5)
+    for i, ok in enumerate(torch.isfinite(work).flatten(1).all(dim=1).tolist()):
+        if not ok:
             raise NumericalError(f"the input factor of {names[i]} is not finite")
-        diag = Zs.diagonal()
-        lam = float(damping)
-        while True:
-            shift = (1 - DAMPING_MARGIN) * lam
-            diag.add_(shift)
-            L, info = torch.linalg.cholesky_ex(Zs)
-            ok = int(info) == 0 and bool(torch.isfinite(L.diagonal()).all())
-            diag.sub_(shift)
-            del L
-            if ok:
-                break
-            if lam * 10 > max_damping * (1 + 1e-12):
+    lams = [float(damping)] * work.shape[0]
+    todo = list(range(work.shape[0]))
+    while todo:
+        part = work if len(todo) == work.shape[0] else work[torch.tensor(todo, device=work.device)]
+        diag = part.diagonal(dim1=-2, dim2=-1)
+        saved = diag.clone()
+        shift = torch.tensor([(1 - DAMPING_MARGIN) * lams[i] for i in todo], dtype=torch.float64, device=work.device)
+        diag.add_(shift[:, None])
+        L, info = torch.linalg.cholesky_ex(part)
+        ok = ((info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(dim=-1)).tolist()
+        diag.copy_(saved)  # exactly the values it had
+        del L
+        failed = [i for i, good in zip(todo, ok) if not good]
+        for i in failed:
+            if lams[i] * 10 > max_damping * (1 + 1e-12):
                 raise NumericalError(
-                    f"Cholesky factorisation of the input factor of {names[i]} failed even with damping {lam:g} "
-                    f"(max_damping={max_damping:g}): its smallest eigenvalue is below -{shift:g}")
-            lam *= 10
-        lams.append(lam)
+                    f"Cholesky factorisation of the input factor of {names[i]} failed even with damping {lams[i]:g} "
+                    f"(max_damping={max_damping:g}): its smallest eigenvalue is below "
+                    f"-{(1 - DAMPING_MARGIN) * lams[i]:g}")
+            lams[i] *= 10
+        todo = failed
     return lams
 
 
@@ -73,8 +81,8 @@ def cholesky_with_retry(Z: torch.Tensor, damping: float, max_damping: float, wha
                         ) -> Tuple[torch.Tensor, float]:
     """Cholesky factor of ``Zd = sym(Z) + lam I`` (in ``Z``'s dtype) with ``lam`` from
     :func:`input_damping`. Returns ``(L, lam)``; raises :class:`NumericalError` naming ``what``."""
-    lam = input_damping(Z, damping, max_damping, [what])[0]
     Zs = 0.5 * (Z + Z.transpose(-1, -2))
+    lam = input_damping(Zs, damping, max_damping, [what], symmetric=True)[0]
     L, info = torch.linalg.cholesky_ex(Zs + lam * torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device))
     if int(info) != 0 or not bool(torch.isfinite(L).all()):  # cannot happen in float64 (lambda_min(Zd) >= lam / 2)
         raise NumericalError(f"Cholesky factorisation of the input factor of {what} failed with damping {lam:g}")
