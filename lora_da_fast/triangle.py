@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["packed_size", "packed_dim", "row_offsets", "packed_diagonal", "upper_mask", "pack_upper",
-           "pack_symmetric", "unpack_upper", "unpack_symmetric"]
+           "pack_symmetric", "unpack_symmetric"]
 
 
 def packed_size(d: int) -> int:
@@ -48,11 +48,19 @@ def upper_mask(d: int, device=None) -> torch.Tensor:
     return torch.ones(d, d, dtype=torch.bool, device=device).triu_()
 
 
+# Widths up to which the CPU paths use cached index vectors (8 d^2 bytes each width) instead of masks.
+MAX_INDEXED_DIM = 2048
+
+
+def _indexed(t: torch.Tensor, d: int) -> bool:
+    return t.device.type == "cpu" and d <= MAX_INDEXED_DIM
+
+
 @functools.lru_cache(maxsize=4)
 def _cpu_flat_indices(d: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """int64 flat positions in a row-major ``d x d`` matrix of the packed entries ``(i, j)`` and of their
     mirrors ``(j, i)`` (CPU: an index gather/scatter is several times faster there than a masked one;
-    ``8 d^2`` bytes, kept for the last few widths)."""
+    ``8 d^2`` bytes, kept for the last few widths up to :data:`MAX_INDEXED_DIM`)."""
     i, j = torch.triu_indices(d, d)
     return i * d + j, j * d + i
 
@@ -63,7 +71,7 @@ def pack_upper(Z: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected a square matrix, got shape {tuple(Z.shape)}")
     if Z.device.type == "meta":  # shapes only (memory plans): masked_select has no meta kernel
         return Z.new_empty(packed_size(Z.shape[0]))
-    if Z.device.type == "cpu":
+    if _indexed(Z, Z.shape[0]):
         return Z.reshape(-1).index_select(0, _cpu_flat_indices(Z.shape[0])[0])
     return Z.masked_select(upper_mask(Z.shape[0], Z.device))
 
@@ -74,18 +82,6 @@ def pack_symmetric(Z: torch.Tensor) -> torch.Tensor:
     if Z.dim() != 2 or Z.shape[0] != Z.shape[1]:
         raise ValueError(f"expected a square matrix, got shape {tuple(Z.shape)}")
     return pack_upper(0.5 * (Z + Z.T))
-
-
-def unpack_upper(p: torch.Tensor) -> torch.Tensor:
-    """A new ``d x d`` matrix (dtype and device of ``p``) holding the packed triangle in its upper part and
-    zeros below the diagonal."""
-    d = packed_dim(p.shape[-1])
-    out = torch.zeros(d, d, dtype=p.dtype, device=p.device)
-    if p.device.type == "cpu":
-        out.view(-1).index_copy_(0, _cpu_flat_indices(d)[0], p)
-    else:
-        out.masked_scatter_(upper_mask(d, p.device), p)
-    return out
 
 
 def unpack_symmetric(p: torch.Tensor, dtype: Optional[torch.dtype] = None, device=None,
@@ -101,7 +97,7 @@ def unpack_symmetric(p: torch.Tensor, dtype: Optional[torch.dtype] = None, devic
     elif tuple(out.shape) != (d, d):
         raise ValueError(f"out must be {d}x{d}, got {tuple(out.shape)}")
     src = p.to(device=out.device, dtype=out.dtype)
-    if out.device.type == "cpu" and out.is_contiguous():
+    if _indexed(out, d) and out.is_contiguous():
         upper, mirror = _cpu_flat_indices(d)
         flat = out.view(-1)
         flat.index_copy_(0, upper, src)

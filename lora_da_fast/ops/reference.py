@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..triangle import packed_size, row_offsets
+from ..triangle import MAX_INDEXED_DIM, packed_size, row_offsets
 
 __all__ = ["sym_accumulate", "grad_stats"]
 
@@ -33,7 +33,7 @@ def _row_blocks(d: int, device: torch.device) -> List[Tuple[int, int, int, int, 
     """``(i0, i1, a, b, index)`` per block of rows ``i0:i1`` of a ``d x d`` triangle: its packed entries are
     ``Z[a:b]`` and ``index`` their flat positions in the block's rectangle ``[i1 - i0, d - i0]`` (columns
     from ``i0``), row by row from each row's diagonal."""
-    if device.type == "cpu":
+    if device.type == "cpu" and d <= MAX_INDEXED_DIM:  # kept: packed-size int64 per width
         return _cpu_row_blocks(d)
     return _make_row_blocks(d, device)
 
