@@ -172,9 +172,12 @@ def solve_group_tokens(group: str, X: torch.Tensor, selected: Optional[torch.Ten
         except NumericalError as exc:
             raise NumericalError(f"module {name}: {exc}") from None
         factors[name] = f
+        why = list(notes or [])
+        if rep["eigengap"] < 1e-6:  # as the batched solver says it
+            why.append(f"ill-defined subspace: eigenvalues {cfg.rank} and {cfg.rank + 1} of M differ by "
+                       f"{rep['eigengap']:.1e} of ||M||; this subspace is one of a family of (nearly) equally good ones")
         reports[name] = ModuleReport(d_in=int(X.shape[1]), d_out=int(delta.shape[1]), group=group, damping=lam,
-                                     output_damping=lam_ys[name], solver=SOLVER_TOKENS, notes=list(notes or []),
-                                     **rep)
+                                     output_damping=lam_ys[name], solver=SOLVER_TOKENS, notes=why, **rep)
     return factors, reports
 
 
