@@ -288,7 +288,7 @@ def test_cholesky_retry_and_bad_statistics_are_reported(stats_run, data, tmp_pat
     assert rc == 0, err
     mod = json.load(open(tmp_path / "o" / cli.REPORT_FILE))["modules"]["model.layers.1.mlp.down_proj"]
     assert mod["damping"] == pytest.approx(1e-3)
-    assert "damping raised from 1e-06 to 0.001 after a failed Cholesky" in mod["notes"]
+    assert any(n.startswith("damping raised from 1e-06 to 0.001 after a failed Cholesky") for n in mod["notes"])
     row = next(l for l in stdout.splitlines() if l.startswith("model.layers.1.mlp.down_proj"))
     assert " 0.001 " in row and "damping raised" in row
     rc, _, err = run(args(data, tmp_path / "o2", "--stats-cache", f, "--max-damping", "1e-4", "--quiet"), capsys)
