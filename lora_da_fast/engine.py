@@ -85,6 +85,8 @@ def fingerprint(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     _check_num_examples(num_examples)
     targets = find_target_modules(model, cfg.target_modules)
     exs, _ = prepare_examples(examples, cfg.sort_by_length, num_examples)
+    check_model_loaded(model)
+    check_examples_fit(model, example_ids(exs))
     slices, _ = plan_slices(targets, cfg, model, exs)
     return ckpt.fingerprint_parts(model, cfg, targets, exs, slices)
 
@@ -154,14 +156,14 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
         return result
 
     exs, skipped = prepare_examples(examples, cfg.sort_by_length, num_examples)
+    check_model_loaded(model)
+    check_examples_fit(model, example_ids(exs))  # token ids and positions the model has: before any forward
     slices, plan = plan_slices(targets, cfg, model, exs)
     info["plan"] = plan
     peak = PeakMemory(next(iter(targets.values())).weight.device)
     if say and plan["passes"] > 1:
         say(f"plan: {len(targets)} target modules in {plan['layers']} layers, statistics "
             f"{plan['statistics_gb']:.2f} GB fp32; {plan['passes']} passes of {plan['layers_per_pass']} layers")
-    check_model_loaded(model)
-    check_examples_fit(model, example_ids(exs))  # token ids and positions the model has: before the pass
     mine: List[Example] = list(comm.shard(exs)) if comm.is_active() else exs
     status["examples"] = len(mine)
 

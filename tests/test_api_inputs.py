@@ -129,6 +129,10 @@ def test_examples_beyond_the_model_are_refused_before_the_pass():
                            progress=False)
     with pytest.raises(DataError, match="outside the model's embedding"):
         initialize_lora_da(model, too_big, LoraConfig(r=2, target_modules=["q_proj"]), cfg, progress=False)
+    # a memory plan probes the input groups with a forward: the examples are checked before it too
+    auto = LoraDAConfig(rank=2, population_size=8, backend="torch", layers_per_pass="auto")
+    with pytest.raises(DataError, match="outside the model's embedding"):
+        collect_statistics(model, too_big, auto, progress=False)
     assert calls == []
     h.remove()
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
