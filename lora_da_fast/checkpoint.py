@@ -38,7 +38,7 @@ PART_NAMES = {
     "code": "lora_da_fast version",
     "model": "model (class, config, weights or dtype)",
     "targets": "target modules",
-    "statistics": "statistics settings (token mask, output Fisher)",
+    "statistics": "statistics settings (token mask, output Fisher, loss function)",
     "batching": "batching (batch size, sort order, backend, layers per pass)",
     "data": "calibration data (examples, tokenizer, max length)",
 }
@@ -72,13 +72,27 @@ def data_digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
+def loss_name(loss_fn) -> Optional[str]:
+    """What the fingerprint records of a ``loss_fn``: its module and qualified name (``None`` for the
+    built-in causal-LM loss). A name, not the code: two functions of one name (e.g. a lambda edited between
+    runs) look alike; a different function or none is told apart."""
+    if loss_fn is None:
+        return None
+    fn = getattr(loss_fn, "func", loss_fn)  # functools.partial: the wrapped function
+    qual = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qual}"
+
+
 def fingerprint_parts(model: nn.Module, cfg: LoraDAConfig, targets: Dict[str, nn.Module],
-                      examples: Sequence[Example], slices: Optional[List[List[str]]] = None) -> Dict[str, str]:
+                      examples: Sequence[Example], slices: Optional[List[List[str]]] = None,
+                      loss_fn=None) -> Dict[str, str]:
     """A digest per part of what a statistics pass depends on (keys of :data:`PART_NAMES`).
 
     ``targets`` and ``batching`` change which sums exist and the order in which they are added; the
     other parts change their values. A finished statistics file stays valid for a run that differs only
     in those two (the solve checks that every target has statistics); a checkpoint needs every part.
+    ``loss_fn`` enters the statistics part by name (:func:`loss_name`); without one the digest is the
+    one files written before it was recorded carry.
     """
     mc = getattr(model, "config", None)
     config_json = mc.to_json_string(use_diff=False).encode() if hasattr(mc, "to_json_string") else b""
@@ -90,7 +104,8 @@ def fingerprint_parts(model: nn.Module, cfg: LoraDAConfig, targets: Dict[str, nn
         "model": _digest(_dumps(type(model).__name__), config_json,
                          torch.stack(sums).numpy().tobytes() if sums else b""),
         "targets": _digest(_dumps([[n, list(m.weight.shape), str(m.weight.dtype)] for n, m in targets.items()])),
-        "statistics": _digest(_dumps([cfg.token_mask, cfg.output_fisher])),
+        "statistics": _digest(_dumps([cfg.token_mask, cfg.output_fisher]
+                                     + ([loss_name(loss_fn)] if loss_fn is not None else []))),
         "batching": _digest(_dumps([cfg.batch_size, cfg.sort_by_length, cfg.backend, plan])),
         "data": data_digest(examples),
     }

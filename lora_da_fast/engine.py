@@ -78,7 +78,7 @@ def _check_num_examples(num_examples) -> None:
 
 
 def fingerprint(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
-                num_examples: Optional[int] = None) -> Dict[str, str]:
+                num_examples: Optional[int] = None, loss_fn: Optional[LossFn] = None) -> Dict[str, str]:
     """The fingerprint parts (:func:`lora_da_fast.checkpoint.fingerprint_parts`) of the statistics pass
     that :func:`run_lora_da` would make: for a caller that checks a statistics file against it first
     and then passes it to the run (``fingerprint=``), so the weights are checksummed once."""
@@ -88,7 +88,7 @@ def fingerprint(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     check_model_loaded(model)
     check_examples_fit(model, example_ids(exs))
     slices, _ = plan_slices(targets, cfg, model, exs)
-    return ckpt.fingerprint_parts(model, cfg, targets, exs, slices)
+    return ckpt.fingerprint_parts(model, cfg, targets, exs, slices, loss_fn=loss_fn)
 
 
 def _sync() -> None:
@@ -172,7 +172,8 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
         t0 = time.perf_counter()
         path = f"{checkpoint}.rank{comm.rank()}" if comm.is_active() else checkpoint
         status["checkpoint"] = path
-        parts = dict(fingerprint) if fingerprint is not None else ckpt.fingerprint_parts(model, cfg, targets, exs, slices)
+        parts = (dict(fingerprint) if fingerprint is not None
+                 else ckpt.fingerprint_parts(model, cfg, targets, exs, slices, loss_fn=loss_fn))
         if comm.is_active():  # each rank checkpoints its own shard: resuming needs the same number of ranks
             parts["data"] = ckpt.data_digest(mine)
         info["fingerprint_s"] = time.perf_counter() - t0

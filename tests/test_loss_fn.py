@@ -216,3 +216,42 @@ def test_hugging_face_datasets_objects():
         assert rel_err(c.modules[name].G, b.modules[name].G) < TOL["stats_invariance_fp32"]
     with pytest.raises(DataError, match="pass one split"):
         collect_statistics(model, datasets.DatasetDict({"train": ds}), cfg, progress=False, loss_fn=classification_loss)
+
+
+def test_a_checkpoint_of_another_loss_is_refused(tmp_path, monkeypatch):
+    """The loss function is part of the statistics' fingerprint (by name): a checkpoint made with the
+    causal-LM loss is not resumed with a ``loss_fn``, nor one made with one ``loss_fn`` with another."""
+    from lora_da_fast import checkpoint as ckpt
+    from lora_da_fast.engine import fingerprint
+
+    model = tiny_llama(seed=0)
+    ex = weighted_examples(4, seed=1)
+    cfg = LoraDAConfig(rank=2, population_size=8, backend="torch")
+    plain = fingerprint(model, ex, cfg)
+    weighted = fingerprint(model, ex, cfg, loss_fn=weighted_lm_loss)
+    other = fingerprint(model, ex, cfg, loss_fn=classification_loss)
+    assert ckpt.differing(plain, weighted) == [ckpt.PART_NAMES["statistics"]]
+    assert ckpt.differing(weighted, other) == [ckpt.PART_NAMES["statistics"]]
+    assert fingerprint(model, ex, cfg, loss_fn=weighted_lm_loss) == weighted
+    assert ckpt.loss_name(weighted_lm_loss) == f"{__name__}.weighted_lm_loss"
+
+    ck = str(tmp_path / "ck")
+    real_saver = ckpt.saver
+
+    def saver(sp, path, parts, every, slice_index, finished):  # the run stops after its 2nd example
+        save = real_saver(sp, path, parts, every, slice_index, finished)
+
+        def on_batch(done):
+            save(done)
+            if done >= 2:
+                raise KeyboardInterrupt
+        return on_batch
+
+    monkeypatch.setattr(ckpt, "saver", saver)
+    with pytest.raises(KeyboardInterrupt):
+        collect_statistics(model, ex, cfg, progress=False, checkpoint=ck, checkpoint_every=1)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="loss function"):
+        collect_statistics(model, ex, cfg, progress=False, checkpoint=ck, loss_fn=weighted_lm_loss)
+    got = collect_statistics(model, ex, cfg, progress=False, checkpoint=ck)  # the same loss resumes
+    assert got.num_examples == 4
