@@ -23,6 +23,7 @@ fresh process of their own (same model, data and warm-up), so that neither peak 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -94,7 +95,10 @@ def measure(args, device: torch.device, dtype: torch.dtype, phases) -> dict:
     if "plain" in phases:
         plain_pass(model, batches[:1], device)
     if "ours" in phases:
-        collect_statistics(model, examples[:args.batch_size], cfg, progress=False)
+        # kernels only: one batch is few tokens, which would send every group through its tokens (memory the
+        # measured run does not hold, and a CPU's peak RSS cannot be reset)
+        collect_statistics(model, examples[:args.batch_size], dataclasses.replace(cfg, keep_tokens="never"),
+                           progress=False)
 
     if "plain" in phases:
         reset_peak(device)
