@@ -299,6 +299,8 @@ def format_proxies(p: dict) -> str:
                      f"{r['new']['pass_gb']:.1f} | {'<= 150' if shape == 'llama7b' else ''} |")
         lines.append(f"| fixed flops: Cholesky + inverse, {shape} (TFLOP) | {r['today']['fixed_tflop']:.1f} | "
                      f"{r['new']['fixed_tflop']:.1f} | {'<= 50' if shape == 'llama7b' else ''} |")
+        lines.append(f"| + the damping rule's check factorisation (issue 15), {shape} (TFLOP) | "
+                     f"{r['today']['damping_rule_tflop']:.1f} | {r['new']['damping_rule_tflop']:.1f} | |")
         lines.append(f"| norm estimate of Zd^-1, {shape} (GB read) | {r['today']['norm_gb']:.0f} | "
                      f"{r['new']['norm_gb']:.0f} | 0 |")
     lines += ["", "| per LOBPCG iteration, CUDA code path on CPU tensors, n=96 | modules per factor | stack | "

@@ -261,8 +261,11 @@ def shape_proxies(base: types.ModuleType, shape: str = "llama7b", rank: int = 8)
         norm_bytes = 0
         if mod is not None:
             norm_bytes = sum(5 * 2 * g * d_in * d_in * 8 for d_in, g in groups.items())
+        # the current solver also runs the damping rule (steps.input_damping, issue 15) before its own
+        # factorisation: one more float64 Cholesky per group, of sym(Z) + lam/2 I
+        damping = sum(g * d_in ** 3 / 3.0 for d_in, g in groups.items()) if mod is None else 0.0
         res[label] = dict(pass_gb=bf_pass.bytes / 1e9, fixed_tflop=bf_fixed.flops / 1e12,
-                          norm_gb=norm_bytes / 1e9)
+                          damping_rule_tflop=damping / 1e12, norm_gb=norm_bytes / 1e9)
     return res
 
 
@@ -438,7 +441,8 @@ def _run_iterations(mod, op, gen, k: int, r: int, iters: int, counter: Optional[
 def iteration_counts(base: types.ModuleType, stacks: Sequence[int] = (1, 8, 64), c_values: Sequence[int] = (1, 3),
                      n: int = 96, d_out: int = 64, r: int = 8, it: Tuple[int, int] = (5, 15),
                      repeat: int = 3) -> List[dict]:
-    """Per LOBPCG iteration, on the CUDA code path on CPU tensors at tiny sizes, as the difference of runs
+    """Per LOBPCG iteration on stacks of ``f`` factors (``stacks``) of ``c`` modules each (``c_values``), on
+    the CUDA code path on CPU tensors at tiny sizes, as the difference of runs
     of ``it[1]`` and ``it[0]`` iterations: device kernels, host syncs and host ops (dispatch-mode counts);
     the thread's CPU time (best of ``repeat``, one torch thread), all work included; the time inside the
     host's own linear algebra (today's Rayleigh-Ritz); and the host time: the CPU time at the smallest
@@ -447,9 +451,8 @@ def iteration_counts(base: types.ModuleType, stacks: Sequence[int] = (1, 8, 64),
     rows = []
     for label, mod in (("today", base), ("new", None)):
         for c in c_values:
-            for b in stacks:
-                if b % c:
-                    continue
+            for f in stacks:
+                b = f * c  # modules: f factors of c modules each
                 counts, walls = [], []
                 for nit in it:
                     op, gen = _stack_operator(mod, b, c, n, d_out, seed=b, beta=0.0)
@@ -466,7 +469,7 @@ def iteration_counts(base: types.ModuleType, stacks: Sequence[int] = (1, 8, 64),
                             best = min(best, time.thread_time() - t0)
                     walls.append(best)
                 d = it[1] - it[0]
-                rows.append(dict(solver=label, modules_per_factor=c, stack=b,
+                rows.append(dict(solver=label, modules_per_factor=c, factors=f, stack=b,
                                  kernels=(counts[1].kernels - counts[0].kernels) / d,
                                  syncs=(counts[1].syncs - counts[0].syncs) / d,
                                  host_ops=(counts[1].host_ops - counts[0].host_ops) / d,
@@ -477,7 +480,7 @@ def iteration_counts(base: types.ModuleType, stacks: Sequence[int] = (1, 8, 64),
         # compute) plus the host's own linear algebra at this stack size
         for row in rows:
             if row["solver"] == label:
-                one = next((q for q in rows if q["solver"] == label and q["stack"] == min(stacks)
+                one = next((q for q in rows if q["solver"] == label and q["factors"] == min(stacks)
                             and q["modules_per_factor"] == row["modules_per_factor"]), row)
                 row["host_ms"] = one["ms"] - one["host_lapack_ms"] + row["host_lapack_ms"]
     return rows
