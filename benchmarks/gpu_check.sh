@@ -9,8 +9,8 @@
 #      shapes, bf16, 256 examples x 1024 tokens (the 7B solve's DEBUG log: phases, iterations),
 #   5. the solver's inner product alone ([b, n, n] @ [b, n, k], fp64/fp32: bandwidth reached),
 #   6. the solver on flat spectra (statistics of a random-weight 1B-wide, 4-layer Llama) with the
-#      default block (Rayleigh-Ritz basis of 32 columns: one batched eigh on the GPU per iteration) and a
-#      wider one (--extra 24: 96 columns, fewer iterations; torch's CUDA eigh would loop over the stack
+#      default block (Rayleigh-Ritz basis of 32 columns: one batched eigh on the GPU per iteration) and
+#      wider ones (--extra 8,24: 48 and 96 columns, fewer iterations; torch's CUDA eigh would loop over the stack
 #      above 32 columns, so that eigh runs on the host, over its cores), with the solver's per-phase times
 #      and iteration counts (--phases): which block is faster on a GPU is still to be measured.
 # No downloads: models come from configs. Runs from the source tree (PYTHONPATH=.), no install.
@@ -88,7 +88,7 @@ else
   step random_stats 60 $PY benchmarks/random_llama_stats.py --hidden 2048 --intermediate 5632 --layers 4 \
     --examples 64 --seq-len 512 --device cuda --out "$W/random_1b4.safetensors"
   step bench_solver_flat 90 $PY benchmarks/bench_solver.py --stats "$W/random_1b4.safetensors" --device cuda \
-    --extra 24 --ref-modules 4 --repeat 1 --phases --out "$W/flat"
+    --extra 8,24 --ref-modules 4 --repeat 1 --phases --out "$W/flat"
 fi
 
 {
