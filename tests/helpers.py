@@ -135,3 +135,23 @@ def brute_force_statistics(model, examples, target_modules="all-linear", token_m
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp(min=1e-300))
+
+
+def interrupt_after(monkeypatch, done: int, slice_index=None) -> None:
+    """Make the next checkpointed statistics pass stop (``KeyboardInterrupt``) once ``done`` examples of
+    the pass (of slice ``slice_index`` when given) are counted, right after its checkpoint is written:
+    a run killed mid-pass, for resume tests. ``monkeypatch.undo()`` restores the saver."""
+    from lora_da_fast import checkpoint as ckpt
+
+    real_saver = ckpt.saver
+
+    def saver(sp, path, parts, every, slice_i, finished):
+        save = real_saver(sp, path, parts, every, slice_i, finished)
+
+        def on_batch(n):
+            save(n)
+            if n >= done and (slice_index is None or slice_i == slice_index):
+                raise KeyboardInterrupt
+        return on_batch
+
+    monkeypatch.setattr(ckpt, "saver", saver)

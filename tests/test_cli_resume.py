@@ -23,6 +23,7 @@ from lora_da_fast.fisher import FisherStatistics  # noqa: E402
 
 from .cli_helpers import (ROOT, adapter_bytes, args, assert_user_error, cache, data, dead_pid,  # noqa: E402,F401
                           fake_stale_temporary, leftovers, long_args, long_data, run, stats_run, tiny_cache)
+from .helpers import interrupt_after  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,20 +299,7 @@ def test_damaged_statistics_cache_is_reported(stats_run, data, tmp_path, capsys)
 
 
 def test_damaged_checkpoint_is_reported_and_not_resumed(cache, long_data, tmp_path, capsys, monkeypatch):
-    import lora_da_fast.checkpoint as ckpt
-
-    real_saver = ckpt.saver
-
-    def saver(sp, path, parts, every, *where):
-        save = real_saver(sp, path, parts, every, *where)
-
-        def on_batch(done):
-            save(done)
-            if done >= 6:
-                raise KeyboardInterrupt
-        return on_batch
-
-    monkeypatch.setattr(ckpt, "saver", saver)
+    interrupt_after(monkeypatch, 6)
     stats, out = tmp_path / "s.st", tmp_path / "adapter"
     argv = long_args(long_data, out, "--stats-cache", stats, "--checkpoint-every", "2", "--quiet")
     rc, _, err = run(argv, capsys)

@@ -14,7 +14,7 @@ from lora_da_fast.peft_integration import lora_layers
 from lora_da_fast.plan import layer_of, plan_slices
 from lora_da_fast.targets import find_target_modules
 
-from .helpers import random_examples, rel_err, tiny_gpt2, tiny_llama
+from .helpers import interrupt_after, random_examples, rel_err, tiny_gpt2, tiny_llama
 from .tolerances import TOL
 
 
@@ -90,18 +90,7 @@ def test_streamed_checkpoint_resumes_bit_identically(tmp_path, monkeypatch):
     cfg = LoraDAConfig(rank=2, population_size=100, batch_size=2, backend="torch", layers_per_pass=1)
     ref = run_lora_da(model, ex, cfg, progress=False)
     ck = str(tmp_path / "run.ckpt")
-    real_saver = ckpt.saver
-
-    def saver(sp, path, parts, every, slice_index, finished):
-        save = real_saver(sp, path, parts, every, slice_index, finished)
-
-        def on_batch(done):
-            save(done)
-            if slice_index == 1 and done >= 6:
-                raise KeyboardInterrupt
-        return on_batch
-
-    monkeypatch.setattr(ckpt, "saver", saver)
+    interrupt_after(monkeypatch, 6, slice_index=1)
     with pytest.raises(KeyboardInterrupt):
         run_lora_da(model, ex, cfg, progress=False, checkpoint=ck, checkpoint_every=2)
     monkeypatch.undo()

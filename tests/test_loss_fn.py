@@ -9,7 +9,7 @@ from lora_da_fast import LoraDAConfig, collect_statistics
 from lora_da_fast.data import IGNORE_INDEX, collate, iter_examples, prepare_examples
 from lora_da_fast.errors import ConfigError, DataError
 
-from .helpers import VOCAB, brute_force_statistics, rel_err, tiny_gpt2, tiny_llama
+from .helpers import VOCAB, brute_force_statistics, interrupt_after, rel_err, tiny_gpt2, tiny_llama
 from .test_statistics import _compare
 from .tolerances import TOL
 
@@ -236,18 +236,7 @@ def test_a_checkpoint_of_another_loss_is_refused(tmp_path, monkeypatch):
     assert ckpt.loss_name(weighted_lm_loss) == f"{__name__}.weighted_lm_loss"
 
     ck = str(tmp_path / "ck")
-    real_saver = ckpt.saver
-
-    def saver(sp, path, parts, every, slice_index, finished):  # the run stops after its 2nd example
-        save = real_saver(sp, path, parts, every, slice_index, finished)
-
-        def on_batch(done):
-            save(done)
-            if done >= 2:
-                raise KeyboardInterrupt
-        return on_batch
-
-    monkeypatch.setattr(ckpt, "saver", saver)
+    interrupt_after(monkeypatch, 2)  # the run stops after its 2nd example
     with pytest.raises(KeyboardInterrupt):
         collect_statistics(model, ex, cfg, progress=False, checkpoint=ck, checkpoint_every=1)
     monkeypatch.undo()
