@@ -155,3 +155,17 @@ def interrupt_after(monkeypatch, done: int, slice_index=None) -> None:
         return on_batch
 
     monkeypatch.setattr(ckpt, "saver", saver)
+
+
+def dense_product_np(Zinv, G, u, cfg):
+    """docs/algorithm.md steps 3-8 in float64 numpy from an explicit ``Zd^{-1}``, the gradient ``G`` and the
+    output weights ``u``: ``(lora_B @ lora_A, eigenvalues of M)`` (an oracle for the exact solvers)."""
+    import numpy as np
+
+    D = -Zinv @ G.T @ np.diag(u)
+    sigma = np.linalg.svd(D, compute_uv=False)[0]
+    D = D / sigma
+    M = -cfg.alpha * D @ D.T + cfg.beta * (u.sum() / (cfg.population_size * sigma ** 2)) * Zinv
+    w, V = np.linalg.eigh((M + M.T) / 2)
+    A0 = V[:, :cfg.rank]
+    return torch.from_numpy((A0 @ A0.T @ D).T / cfg.gamma), w

@@ -7,7 +7,7 @@ import torch
 
 from lora_da_fast import FisherStatistics, LoraDAConfig, run_lora_da, solve_lora_da
 
-from .helpers import brute_force_statistics, random_examples, rel_err, tiny_gpt2, tiny_llama
+from .helpers import brute_force_statistics, dense_product_np, random_examples, rel_err, tiny_gpt2, tiny_llama
 from .tolerances import TOL
 
 
@@ -15,14 +15,7 @@ def dense_oracle(Z, G, y, cfg):
     """docs/algorithm.md steps 1-8 with explicit float64 inverses (numpy): lora_B @ lora_A."""
     Z, G, y = (np.asarray(t, dtype=np.float64) for t in (Z, G, y))
     Zinv = np.linalg.inv((Z + Z.T) / 2 + cfg.damping * np.eye(Z.shape[0]))
-    u = 1.0 / (y + cfg.damping)
-    D = -Zinv @ G.T @ np.diag(u)
-    sigma = np.linalg.svd(D, compute_uv=False)[0]
-    D = D / sigma
-    M = -cfg.alpha * D @ D.T + cfg.beta * (u.sum() / (cfg.population_size * sigma ** 2)) * Zinv
-    _, V = np.linalg.eigh((M + M.T) / 2)
-    A0 = V[:, :cfg.rank]
-    return torch.from_numpy((A0 @ A0.T @ D).T / cfg.gamma)
+    return dense_product_np(Zinv, G, 1.0 / (y + cfg.damping), cfg)[0]
 
 
 def product(f):

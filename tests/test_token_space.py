@@ -7,7 +7,7 @@ import torch
 from lora_da_fast import LoraDAConfig
 from lora_da_fast.solve.token_space import TokenBasis, solve_group_tokens, usable
 
-from .helpers import rel_err
+from .helpers import dense_product_np, rel_err
 from .tolerances import TOL
 
 
@@ -21,14 +21,7 @@ def dense_fp64(X, sel, deltas, us, n, T, cfg):
     out = {}
     for name, delta in deltas.items():
         G = delta.double().numpy().T @ X / n
-        u = us[name].double().numpy()
-        D = -Zinv @ G.T @ np.diag(u)
-        sigma = np.linalg.svd(D, compute_uv=False)[0]
-        D = D / sigma
-        M = -cfg.alpha * D @ D.T + cfg.beta * (u.sum() / (cfg.population_size * sigma ** 2)) * Zinv
-        w, V = np.linalg.eigh((M + M.T) / 2)
-        A0 = V[:, :cfg.rank]
-        out[name] = (torch.from_numpy((A0 @ A0.T @ D).T / cfg.gamma), w)
+        out[name] = dense_product_np(Zinv, G, us[name].double().numpy(), cfg)
     return out
 
 
