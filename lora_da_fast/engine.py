@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -84,11 +84,20 @@ def fingerprint(model: nn.Module, examples: Iterable, cfg: LoraDAConfig,
     and then passes it to the run (``fingerprint=``), so the weights are checksummed once."""
     _check_num_examples(num_examples)
     targets = find_target_modules(model, cfg.target_modules)
-    exs, _ = prepare_examples(examples, cfg.sort_by_length, num_examples)
+    exs, _, slices, _ = _prepare(model, examples, cfg, num_examples, targets)
+    return ckpt.fingerprint_parts(model, cfg, targets, exs, slices, loss_fn=loss_fn)
+
+
+def _prepare(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, num_examples: Optional[int],
+             targets: Dict[str, nn.Module]) -> Tuple[List[Example], int, List[List[str]], dict]:
+    """The examples of a pass (``prepare_examples``), checked against the model (token ids and positions it
+    has: before any forward, the plan's probe included), and the memory plan: ``(examples, skipped,
+    slices, plan)``."""
+    exs, skipped = prepare_examples(examples, cfg.sort_by_length, num_examples)
     check_model_loaded(model)
     check_examples_fit(model, example_ids(exs))
-    slices, _ = plan_slices(targets, cfg, model, exs)
-    return ckpt.fingerprint_parts(model, cfg, targets, exs, slices, loss_fn=loss_fn)
+    slices, plan = plan_slices(targets, cfg, model, exs)
+    return exs, skipped, slices, plan
 
 
 def _sync() -> None:
@@ -155,10 +164,8 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
         result.info = info
         return result
 
-    exs, skipped = prepare_examples(examples, cfg.sort_by_length, num_examples)
-    check_model_loaded(model)
-    check_examples_fit(model, example_ids(exs))  # token ids and positions the model has: before any forward
-    slices, plan = plan_slices(targets, cfg, model, exs)
+    exs, skipped, slices, plan = _prepare(model, examples, cfg, num_examples, targets)
+    total_tokens = sum(map(len, exs))  # the whole set's (every rank's): which groups keep their tokens
     info["plan"] = plan
     peak = PeakMemory(next(iter(targets.values())).weight.device)
     if say and plan["passes"] > 1:
@@ -207,7 +214,7 @@ def run_lora_da(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, prog
             status["phase"] = "statistics"
             with comm.guard("the statistics pass"), StatisticsPass(model, cfg, targets=sub, loss_fn=loss_fn,
                                                                        probe=exs[0] if exs else None,
-                                                                       total_tokens=sum(map(len, exs))) as sp:
+                                                                       total_tokens=total_tokens) as sp:
                 done = 0
                 if resumed is not None and i == start_slice and resumed["done"] > 0:
                     done = ckpt.resume(sp, path)

@@ -43,7 +43,8 @@ def solve_local(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = Fal
         res = solver(stats, cfg, progress=progress)
     else:
         res = solve_token_groups(stats, cfg, through_tokens)
-        rest = [n for n, st in stats.modules.items() if st.group not in set(through_tokens)]
+        done = set(through_tokens)
+        rest = [n for n, st in stats.modules.items() if st.group not in done]
         if rest:
             more = solver(stats.subset(rest), cfg, progress=progress)
             res.update(more)

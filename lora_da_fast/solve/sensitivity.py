@@ -52,9 +52,10 @@ def perturbed(stats: FisherStatistics, names: Sequence[str], token_groups: Seque
               ) -> FisherStatistics:
     """The statistics of the modules ``names``, every entry moved by one fp32 ulp (:func:`one_ulp`): ``Z``,
     ``G``, ``y`` and the sequence sums, and the kept tokens of ``token_groups``."""
+    wanted = set(names)
     modules = {m: ModuleStatistics(st.group, one_ulp(st.G, f"G.{m}", seed), one_ulp(st.y, f"y.{m}", seed),
                                    one_ulp(st.seq_sums, f"s.{m}", seed))
-               for m, st in stats.modules.items() if m in set(names)}
+               for m, st in stats.modules.items() if m in wanted}
     groups = {st.group for st in modules.values()}
     Z = {g: one_ulp(z, f"Z.{g}", seed) for g, z in stats.Z.items() if g in groups}
     tokens = None
@@ -75,7 +76,8 @@ def measure_sensitivity(stats: FisherStatistics, cfg: LoraDAConfig, res: LoraDAR
         return
     members = stats.groups()
     tok = [m for g in token_groups for m in members[g]]
-    dense = [m for m in stats.modules if m not in set(tok)] if cfg.sensitivity == "always" else []
+    solved = set(tok)
+    dense = [m for m in stats.modules if m not in solved] if cfg.sensitivity == "always" else []
     if not tok and not dense:
         return
     seed = cfg.seed + 1
