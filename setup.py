@@ -3,15 +3,18 @@ import re
 from setuptools import setup
 
 VERSION = re.search(r'__version__ = "([^"]+)"', open("lora_da_fast/version.py").read()).group(1)
-SUBPACKAGES = ["cli", "ops", "solve", "statistics"]
+# kernels/ (the Triton kernels) is installed as lora_da_fast.kernels through the link lora_da_fast/kernels.
+# It has no __init__.py on purpose: a folder without one is a namespace portion, which never wins over
+# another distribution's regular `kernels` package (Hugging Face's, which transformers imports), even when
+# Python is started in this folder and finds ./kernels first.
+SUBPACKAGES = ["cli", "kernels", "ops", "solve", "statistics"]
 
 setup(
     name="lora_da_fast",
     version=VERSION,
     description="Fast, exact LoRA-DA (data-aware LoRA initialisation) for Hugging Face models",
     python_requires=">=3.10",
-    packages=["lora_da_fast", "lora_da_fast.kernels"] + [f"lora_da_fast.{p}" for p in SUBPACKAGES],
-    package_dir={"lora_da_fast": "lora_da_fast", "lora_da_fast.kernels": "kernels"},
+    packages=["lora_da_fast"] + [f"lora_da_fast.{p}" for p in SUBPACKAGES],
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

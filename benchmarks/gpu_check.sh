@@ -29,8 +29,6 @@ W=$(mktemp -d /tmp/gpu_check.XXXXXX)
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-480} ))
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-# The setup.py maps kernels/ to lora_da_fast.kernels; from a source tree a link does the same.
-[ -e lora_da_fast/kernels ] || ln -s ../kernels lora_da_fast/kernels
 
 SUMMARY="$W/summary.md"
 {
