@@ -108,9 +108,9 @@ def measure(args, device: torch.device, dtype: torch.dtype, phases) -> dict:
         reset_peak(device)
         if args.solver_log:
             with library_debug_log(args.solver_log, "%(relativeCreated)9.0f ms  %(message)s"):
-                t = timed(lambda: run_lora_da(model, examples, cfg, progress=False, log=None), device)
+                t = timed(lambda: run_lora_da(model, examples, cfg, progress=False), device)
         else:
-            t = timed(lambda: run_lora_da(model, examples, cfg, progress=False, log=None), device)
+            t = timed(lambda: run_lora_da(model, examples, cfg, progress=False), device)
         res = t.result
         out.update(total_s=t.wall, ours_peak_gb=peak_gb(device), stats_s=res.info["statistics_s"],
                    solve_s=res.info["solve_s"], modules=len(res), passes=res.info["plan"]["passes"],

@@ -11,6 +11,7 @@ refusal can name the part that differs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,12 +22,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .version import __version__
+from . import comm
 from .config import LoraDAConfig
 from .data import Example
 from .errors import DataError
 from .fileio import write_atomic
 from .fisher import FORMAT_VERSION, FisherStatistics, content_checksum, damaged_message, safetensors_header_has
+from .version import __version__
 
 CHECKPOINT_VERSION = 3  # 3: content checksum
 _META_KEY = "lora_da_fast_checkpoint"
@@ -307,3 +309,65 @@ def resume(sp, path: str) -> int:
     needs_seq = getattr(sp.cfg, "output_fisher", "diagonal") == "sequence_lowrank"
     sp.load_state_dict(_check_state(path, meta, tensors, sp.state_dict(), needs_seq))
     return int(meta["done"])
+
+
+class PassCheckpoint:
+    """The checkpoint of one run's statistics passes: this rank's file (``FILE``, ``FILE.rankR`` under
+    torch.distributed, where each rank checkpoints its own shard of the examples), the fingerprint parts
+    it carries, and where a resumed run starts (slice and examples done).
+
+    :meth:`open` checks an existing file against the run (a mismatch is a :class:`DataError` naming the
+    part that differs); the engine then asks it for the finished slices' statistics (:meth:`finished`),
+    loads the sums of the slice in progress (:meth:`resume_into`), writes as the pass goes
+    (:meth:`on_batch`, :meth:`slice_done`) and removes the file when the run is done (:meth:`remove`).
+    """
+
+    def __init__(self, path: str, parts: Dict[str, str], every: int, resumed: Optional[dict]):
+        self.path, self.parts, self.every, self.resumed = path, parts, every, resumed
+
+    @classmethod
+    def open(cls, base: str, parts: Dict[str, str], mine: Sequence[Example], every: int) -> "PassCheckpoint":
+        parts = dict(parts)
+        path = base
+        if comm.is_active():  # each rank checkpoints its own shard: resuming needs the same number of ranks
+            path = f"{base}.rank{comm.rank()}"
+            parts["data"] = data_digest(mine)
+        try:
+            resumed = check(path, parts)
+        except DataError as exc:
+            hint = (" (under torchrun each rank checkpoints its own shard of the examples: resume with the "
+                    "same number of ranks)" if comm.is_active() else "")
+            raise DataError(f"{exc}{hint}") from None
+        return cls(path, parts, every, resumed)
+
+    @property
+    def start_slice(self) -> int:
+        return int(self.resumed["slice"]) if self.resumed is not None else 0
+
+    @property
+    def done(self) -> int:
+        """Examples of the slice in progress that the file holds."""
+        return int(self.resumed["done"]) if self.resumed is not None else 0
+
+    def finished(self) -> Optional[FisherStatistics]:
+        """The statistics of the slices finished before the file was written (``None``: none)."""
+        return load_finished(self.path) if self.resumed is not None else None
+
+    def resume_into(self, sp, slice_index: int) -> int:
+        """Load the file's sums into the pass ``sp`` of slice ``slice_index`` if that is the slice the file
+        stopped in; returns the number of its examples already done (0 otherwise)."""
+        if slice_index == self.start_slice and self.done > 0:
+            return resume(sp, self.path)
+        return 0
+
+    def on_batch(self, sp, slice_index: int, finished: Optional[FisherStatistics]) -> Callable[[int], None]:
+        """The pass's ``on_batch`` callback: a checkpoint every ``every`` examples."""
+        return saver(sp, self.path, self.parts, self.every, slice_index, finished)
+
+    def slice_done(self, next_slice: int, finished: FisherStatistics) -> None:
+        """A slice is done: the next one starts from here after a crash."""
+        write(self.path, None, self.parts, next_slice, 0, finished)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)

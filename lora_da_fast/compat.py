@@ -51,12 +51,11 @@ import torch
 from torch import nn
 
 from .config import LoraDAConfig
-from .engine import collect_statistics, solve_lora_da
+from .engine import execute, prepare_run, solve_lora_da
 from .errors import ConfigError, DataError, NumericalError, TargetError
 from .fisher import FisherStatistics, ModuleStatistics
 from .results import LoraDAResult
 from .statistics.statistics_pass import LossFn
-from .targets import check_rank_fits
 
 AUTHORS_LOBPCG_NITER = 10  # the authors' defaults of the two iteration counts we do not need
 AUTHORS_DELTA_SVD_NITER = 16
@@ -235,16 +234,12 @@ def estimate_lora_da_initializations_for_betas(
         raise ConfigError(f"fisher_token_mask must be 'attention' or 'labels', got {fisher_token_mask!r}")
     if output_fisher_mode not in ("diagonal", "sequence_lowrank"):
         raise ConfigError(f"output_fisher_mode must be 'diagonal' or 'sequence_lowrank', got {output_fisher_mode!r}")
-    if population_size is None and any(b != 0 for b in betas):
-        raise ConfigError("population_size (N, the number of fine-tuning examples) is required when a variance "
-                          "beta is non-zero")
     if bias_alpha == 0 and any(b == 0 for b in betas):
         raise ConfigError("bias_alpha and a variance beta are both 0: the guidance matrix would be zero")
     if pass_batch_size is None:
         pass_batch_size = max(batch_size, 8)
     names = authors_target_names(model, target_modules)
     _positive_int("rank", rank)
-    check_rank_fits(model, names, rank)
     try:
         cfg = LoraDAConfig(rank=rank, population_size=population_size, beta=max(betas), alpha=bias_alpha,
                            gamma=gamma, damping=damping, output_damping_ratio=output_damping_ratio,
@@ -258,7 +253,10 @@ def estimate_lora_da_initializations_for_betas(
             if msg.startswith(ours + " "):
                 msg = theirs + msg[len(ours):]
         raise ConfigError(msg) from None
-    stats = collect_statistics(model, dataset, cfg, progress=progress, loss_fn=loss_fn)
+    # the engine checks everything (population_size for the largest beta, the rank bound, the model, the
+    # examples) before any forward, then runs the one statistics pass
+    run = prepare_run(model, dataset, cfg, loss_fn=loss_fn)
+    stats = execute(run, solve=False, progress=progress).statistics
     if named_grads is not None:
         stats = _with_gradients(stats, named_grads)
     out: Dict[float, Initializations] = {}

@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, TargetError
 
 TOKEN_MASKS = ("attention", "labels")
 OUTPUT_FISHERS = ("diagonal", "sequence_lowrank")
@@ -144,3 +144,34 @@ class LoraDAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def module_ranks(self, names: List[str], ranks: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
+        """The rank of each module of ``names``: ``ranks[name]`` where given (e.g. from PEFT's
+        ``rank_pattern``), else ``self.rank``. :class:`ConfigError` for a rank that is not a positive
+        integer or a name that is not one of ``names``."""
+        ranks = dict(ranks or {})
+        unknown = sorted(set(ranks) - set(names))
+        if unknown:
+            raise ConfigError(f"ranks given for {len(unknown)} module(s) that are not targets, e.g. {unknown[0]}")
+        for name, r in ranks.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ConfigError(f"the rank of {name} must be a positive integer, got {r!r}")
+        return {n: ranks.get(n, self.rank) for n in names}
+
+    def check_solvable(self, shapes: Mapping[str, Tuple[int, int]], ranks: Mapping[str, int]) -> None:
+        """The one check of the settings of a solve, made before any data pass (by the engine, from the
+        model's modules) and again before a solve of given statistics: ``population_size`` when
+        ``beta > 0``, and every module's rank at most ``min(d_in, d_out)``. ``shapes``:
+        ``{name: (d_out, d_in)}``; ``ranks``: ``{name: rank}`` (:meth:`module_ranks`)."""
+        if self.beta > 0 and self.population_size is None:
+            raise ConfigError("population_size is required when beta > 0: give the number of examples of the "
+                              "fine-tuning set (it scales the variance term), e.g. "
+                              "LoraDAConfig(population_size=len(train_dataset))")
+        bad = sorted((min(d_out, d_in), n, d_out, d_in) for n, (d_out, d_in) in shapes.items()
+                     if ranks[n] > min(d_out, d_in))
+        if bad:
+            bound, n, d_out, d_in = bad[0]
+            others = f" and {len(bad) - 1} other target(s)" if len(bad) > 1 else ""
+            raise TargetError(f"rank {ranks[n]} is larger than min(d_in, d_out) = {bound} of module {n} "
+                              f"({d_out}x{d_in}){others}; use a rank <= {bound} or leave such modules out of "
+                              "the targets")

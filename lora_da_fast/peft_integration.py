@@ -6,16 +6,16 @@ with PEFT's own matching rules (:func:`lora_da_fast.targets.lora_target_names`) 
 are given to the engine, so statistics, factors and LoRA layers refer to the same modules; after
 wrapping, the set of LoRA layers PEFT created is checked against it.
 
-Entry points: :func:`initialize_lora_da` wraps a plain model and initialises it in one call.
-:func:`get_lora_da_state_dict` and :func:`initialize_lora_da_weights` compute, then apply, on a
-``PeftModel`` the user made with ``get_peft_model`` (any ``target_modules``, ``layers_to_transform``,
-``rank_pattern``, ``alpha_pattern``), as PEFT's own data-driven initialisers (EVA) do; all of them take a
-``loss_fn`` for models other than causal LMs.
+Entry points, one road: :func:`get_lora_da_state_dict` computes the factors (on a ``PeftModel`` the user
+made with ``get_peft_model``, or on a plain model with the ``LoraConfig`` it will be wrapped with: any
+``target_modules``, ``layers_to_transform``, ``rank_pattern``, ``alpha_pattern``), through the engine;
+:func:`initialize_lora_da_weights` applies them to a ``PeftModel`` in place, as PEFT's own data-driven
+initialisers (EVA) do; :func:`initialize_lora_da` is the state-dict door plus ``get_peft_model`` plus
+apply, for a plain model. All of them take a ``loss_fn`` for models other than causal LMs.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from typing import Dict, Iterable, List, Optional
 
@@ -26,13 +26,13 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import LoraDAConfig
-from .engine import run_lora_da, select_statistics, solve_lora_da
+from .engine import run_lora_da, select_statistics
 from .errors import ConfigError, TargetError
 from .fisher import FisherStatistics, ModuleStatistics
 from .results import LoraDAResult, LoraFactors
 from .statistics.statistics_pass import LossFn
-from .targets import check_lora_config, check_rank_fits, linear_shape, lora_target_names
-from .validate import check_model_loaded, check_not_wrapped
+from .targets import check_lora_config, lora_target_names
+from .validate import check_not_wrapped
 
 _DEFAULT_TARGETS = LoraDAConfig.__dataclass_fields__["target_modules"].default
 
@@ -41,8 +41,8 @@ def resolve_lora_da_config(lora_config, lora_da_config: Optional[LoraDAConfig], 
     """The :class:`LoraDAConfig` to run: rank from ``lora_config.r``, targets = ``names``.
 
     A ``lora_da_config.rank`` different from ``lora_config.r`` is a :class:`ConfigError` (the rank is
-    the LoraConfig's), and so is a ``lora_da_config.target_modules`` other than its default.
-    ``population_size`` is required when ``beta > 0`` and checked here, before any data pass.
+    the LoraConfig's), and so is a ``lora_da_config.target_modules`` other than its default. The settings
+    of the solve (``population_size``, the rank bound) are checked by the engine, before any data pass.
     """
     r = lora_config.r
     if lora_da_config is None:
@@ -55,10 +55,6 @@ def resolve_lora_da_config(lora_config, lora_da_config: Optional[LoraDAConfig], 
     if lora_da_config.target_modules != _DEFAULT_TARGETS:
         raise ConfigError("LoraDAConfig.target_modules is ignored by initialize_lora_da (targets come from "
                           "LoraConfig.target_modules): leave it at its default")
-    if lora_da_config.beta > 0 and lora_da_config.population_size is None:
-        raise ConfigError("LoraDAConfig.population_size is required when beta > 0: give the number of "
-                          "examples of the fine-tuning set (it scales the variance term), e.g. "
-                          "LoraDAConfig(population_size=len(train_dataset))")
     return dataclasses.replace(lora_da_config, target_modules=list(names))
 
 
@@ -112,15 +108,17 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
                        subtract_init: bool = False, progress: bool = True,
                        stats: Optional[FisherStatistics] = None, loss_fn: Optional[LossFn] = None):
     """Wrap ``model`` with PEFT (as ``peft.get_peft_model`` does) and initialise the ``"default"`` adapter
-    with LoRA-DA factors. Returns the ``peft.PeftModel``, ready for ``transformers.Trainer``.
+    with LoRA-DA factors: :func:`get_lora_da_state_dict`, then ``get_peft_model``, then
+    :func:`apply_lora_da`. Returns the ``peft.PeftModel``, ready for ``transformers.Trainer``.
 
     Args:
         model: a transformers model (``nn.Linear`` or ``Conv1D`` targets); it is wrapped in place.
         examples: calibration examples, as :func:`collect_statistics` takes them (dicts with
             ``input_ids`` and optionally ``attention_mask``/``labels``; see also
             :func:`examples_from_texts` and :func:`examples_from_pairs`). Unused when ``stats`` is given.
-        lora_config: ``peft.LoraConfig``; its ``r`` is the rank and its ``target_modules`` (with
-            ``exclude_modules``, ``layers_to_transform``) select the modules. PEFT's scaling
+        lora_config: ``peft.LoraConfig``; its ``r`` is the rank (``rank_pattern`` gives modules their own)
+            and its ``target_modules`` (with ``exclude_modules``, ``layers_to_transform``) select the
+            modules. PEFT's scaling
             ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``) applies to the factors.
         lora_da_config: hyper-parameters; ``population_size`` is required when ``beta > 0``. Its
             ``rank`` must equal ``lora_config.r`` (:class:`ConfigError` otherwise).
@@ -149,17 +147,12 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
     (PEFT does not support that conversion with ``use_rslora=True`` combined with ``alpha_pattern``.)
     """
     check_lora_config(lora_config)
-    # Inputs first, before the data pass: a model wrapped already (wrapping it again would reset the
-    # adapter of the PeftModel that shares its modules), weights not loaded, targets, rank.
-    check_not_wrapped(model)
-    check_model_loaded(model)
-    names = lora_target_names(model, lora_config)
-    cfg = resolve_lora_da_config(lora_config, lora_da_config, names)
-    check_rank_fits(model, names, cfg.rank)
-    result = run_lora_da(model, examples, cfg, progress=progress, stats=stats, loss_fn=loss_fn)
+    check_not_wrapped(model)  # wrapping it again would reset the adapter of the PeftModel sharing its modules
+    factors = get_lora_da_state_dict(model, examples, lora_da_config, lora_config=lora_config, stats=stats,
+                                     loss_fn=loss_fn, progress=progress)
     peft_model = get_peft_model(model, lora_config)
     try:
-        apply_lora_da(peft_model, result, "default", subtract_init=subtract_init)
+        apply_lora_da(peft_model, factors, "default", subtract_init=subtract_init)
     except BaseException:
         peft_model.unload()  # the LoRA layers out again: the model is left as it was given
         raise
@@ -169,15 +162,6 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
 # --------------------------------------------------------------------------------------------------
 # Compute, then apply (the shape of PEFT's own data-driven initialisers, e.g. EVA's
 # get_eva_state_dict / initialize_lora_eva_weights)
-
-
-def _check_adapter_config(lora_config) -> None:
-    """As :func:`~lora_da_fast.targets.check_lora_config`, with ``rank_pattern`` allowed: the entry points
-    below read each module's own rank."""
-    probe = copy.copy(lora_config)
-    if getattr(probe, "rank_pattern", None):
-        probe.rank_pattern = {}
-    check_lora_config(probe)
 
 
 def _adapter_plan(model: nn.Module, lora_config, adapter_name: str):
@@ -193,7 +177,7 @@ def _adapter_plan(model: nn.Module, lora_config, adapter_name: str):
         lora_config = model.peft_config[adapter_name]
         if not isinstance(lora_config, LoraConfig):
             raise ConfigError(f"adapter {adapter_name!r} is a {type(lora_config).__name__}, not a LoRA adapter")
-        _check_adapter_config(lora_config)
+        check_lora_config(lora_config)
         root = model.base_model.model
         layers = lora_layers(model, adapter_name)
         if not layers:
@@ -203,10 +187,7 @@ def _adapter_plan(model: nn.Module, lora_config, adapter_name: str):
         return root, lora_config, plan
     if lora_config is None:
         raise ConfigError("give lora_config (the LoraConfig you will pass to get_peft_model), or pass the PeftModel")
-    _check_adapter_config(lora_config)
-    probe = copy.copy(lora_config)
-    probe.rank_pattern = {}
-    names = lora_target_names(model, probe)
+    names = lora_target_names(model, lora_config)  # checks the LoraConfig
     pattern = getattr(lora_config, "rank_pattern", None) or {}
     plan = {n: (n, int(pattern.get(get_pattern_key(pattern.keys(), n), lora_config.r))) for n in names}
     return model, lora_config, plan
@@ -244,45 +225,31 @@ def get_lora_da_state_dict(model: nn.Module, examples: Optional[Iterable] = None
         num_examples: use only the first ``num_examples`` examples (e.g. of a training ``DataLoader``).
 
     ``alpha_pattern``, ``lora_alpha`` and ``use_rslora`` only scale the adapter's output; the factors do
-    not depend on them. All modules' statistics come from one pass; modules of each rank are solved
-    together.
+    not depend on them. One engine run (:func:`lora_da_fast.run_lora_da`, which checks every setting before
+    any forward): the statistics pass, then the solve, modules of each rank together. ``.info`` holds the
+    run's plan and timings.
     """
     root, lora_config, plan = _adapter_plan(model, lora_config, adapter_name)
     names = list(plan)
     cfg = resolve_lora_da_config(lora_config, lora_da_config, names)
-    modules = dict(root.named_modules())
-    bad = [(min(linear_shape(modules[s])), n, r) for n, (s, r) in plan.items() if r > min(linear_shape(modules[s]))]
-    if bad:
-        bound, n, r = min(bad)
-        raise TargetError(f"rank {r} is larger than min(d_in, d_out) = {bound} of module {n}")
-    if stats is None:
-        if examples is None:
-            raise ConfigError("give calibration examples (or precomputed stats=)")
-        pass_cfg = dataclasses.replace(cfg, target_modules=[s for s, _ in plan.values()])
-        off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-        with off:
-            got = run_lora_da(root, examples, pass_cfg, progress=progress, solve=False, num_examples=num_examples,
-                              loss_fn=loss_fn).statistics
-        stats = _renamed(got, {s: n for n, (s, _) in plan.items()})
-    else:
-        stats = select_statistics(stats, names, None, cfg.token_mask)
-        for n, (s, _) in plan.items():
-            st = stats.modules[n]
-            if (st.d_out, st.d_in) != tuple(linear_shape(modules[s])):
-                raise TargetError(f"statistics of {n} are {st.d_out}x{st.d_in} but the module is "
-                                  f"{'x'.join(map(str, linear_shape(modules[s])))}")
-    by_rank: Dict[int, List[str]] = {}
-    for n, (_, r) in plan.items():
-        by_rank.setdefault(r, []).append(n)
-    result = LoraDAResult()
-    for r, group in by_rank.items():
-        got = solve_lora_da(stats.subset(group), dataclasses.replace(cfg, rank=r, target_modules=group),
-                            progress=progress)
-        result.update(got)
-        result.reports.update(got.reports)
-    ordered = LoraDAResult({n: result[n] for n in names}, {n: result.reports[n] for n in names if n in result.reports})
-    ordered.statistics = stats
-    return ordered
+    # the engine runs on the base model, whose modules holding W0 are named `source` (for a PeftModel,
+    # "<name>.base_layer"): statistics and factors are renamed between the two
+    to_source = {n: s for n, (s, _) in plan.items()}
+    to_name = {s: n for n, s in to_source.items()}
+    run_cfg = dataclasses.replace(cfg, target_modules=list(to_source.values()))
+    ranks = {s: r for s, r in plan.values()}
+    if stats is not None:
+        stats = _renamed(select_statistics(stats, names, None, cfg.token_mask),
+                         {**to_source, **{g: to_source.get(g, g) for g in stats.Z}})
+    elif examples is None:
+        raise ConfigError("give calibration examples (or precomputed stats=)")
+    off = model.disable_adapter() if isinstance(model, PeftModel) and stats is None else contextlib.nullcontext()
+    with off:
+        got = run_lora_da(root, examples, run_cfg, progress=progress, stats=stats, ranks=ranks,
+                          num_examples=num_examples, loss_fn=loss_fn)
+    result = LoraDAResult({to_name[s]: f for s, f in got.items()}, {to_name[s]: r for s, r in got.reports.items()})
+    result.info = got.info
+    return result
 
 
 def _as_factors(state: Dict) -> Dict[str, LoraFactors]:

@@ -62,8 +62,6 @@ def check_lora_config(lora_config) -> None:
     if getattr(lora_config, "use_dora", False):
         raise ConfigError("DoRA (use_dora=True) is not supported: its magnitude vector is computed from the "
                           "initial LoRA weights, which LoRA-DA replaces")
-    if getattr(lora_config, "rank_pattern", None):
-        raise ConfigError("LoraConfig.rank_pattern is not supported: LoRA-DA uses one rank, LoraConfig.r")
     if getattr(lora_config, "target_parameters", None):
         raise ConfigError("LoraConfig.target_parameters is not supported: LoRA-DA adapts Linear/Conv1D modules")
 
@@ -127,19 +125,3 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Sequence[st
     names = lora_target_names(model, LoraConfig(r=1, target_modules=spec))
     modules = dict(model.named_modules())
     return {n: modules[n] for n in names}
-
-
-def check_rank_fits(model: nn.Module, names: List[str], rank: int) -> None:
-    """:class:`TargetError` before any data pass if ``rank > min(d_in, d_out)`` of a target (the solve
-    would refuse it only after the pass). Names the target with the smallest bound."""
-    modules = dict(model.named_modules())
-    bad = []
-    for n in names:
-        d_out, d_in = linear_shape(modules[n])
-        if rank > min(d_in, d_out):
-            bad.append((min(d_in, d_out), n, d_out, d_in))
-    if bad:
-        bound, n, d_out, d_in = min(bad)
-        others = f" and {len(bad) - 1} other target(s)" if len(bad) > 1 else ""
-        raise TargetError(f"rank {rank} is larger than min(d_in, d_out) = {bound} of module {n} ({d_out}x{d_in})"
-                          f"{others}; use a rank <= {bound} or leave such modules out of the targets")

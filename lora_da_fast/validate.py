@@ -94,8 +94,10 @@ def check_examples_fit(model: nn.Module, input_ids: List[torch.Tensor],
     if limit is not None:
         for i, ids in enumerate(input_ids):
             if ids.shape[-1] > limit:
-                raise DataError(f"{where(i)} has {ids.shape[-1]} tokens, more than the model's {limit} positions "
+                err = DataError(f"{where(i)} has {ids.shape[-1]} tokens, more than the model's {limit} positions "
                                 f"(max_position_embeddings)")
+                err.position_limit = limit  # for a caller that can say how to shorten the examples
+                raise err
 
 
 def example_ids(examples: Iterable) -> List[torch.Tensor]:

@@ -357,14 +357,14 @@ def test_model_limits_are_named_before_the_pass(gpt2_folders, data, tmp_path, ca
                 "--batch-size", "3", "--device", "cpu", "--quiet", *extra]
 
     rc, _, err = run(argv("short", "o1", "--max-length", "32"), capsys)
-    assert_user_error(rc, err, "--max-length 32 is beyond the model's 16 positions (max_position_embeddings of "
-                               f"--model {gpt2_folders / 'short'}; --data line ")
-    assert err.rstrip().endswith("use --max-length 16 or less")
+    assert_user_error(rc, err, "--data line ")
+    assert ("tokens, more than the model's 16 positions (max_position_embeddings) of "
+            f"--model {gpt2_folders / 'short'}: use --max-length 16 or less") in err
     rc, _, err = run(argv("short", "o2", "--max-length", "16"), capsys)  # the advice works
     assert rc == 0, err
     rc, _, err = run(argv("small_vocab", "o3", "--max-length", "32"), capsys)
-    assert_user_error(rc, err, "its tokenizer gives token id ")
-    assert "(--data line 1) but its embedding has 100 rows (ids 0 to 99): the tokenizer does not match" in err
+    assert_user_error(rc, err, f"--model {gpt2_folders / 'small_vocab'}: --data line 1 has token id ")
+    assert "outside the model's embedding of 100 rows (ids 0 to 99): the tokenizer does not match" in err
     assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o3")
 
 

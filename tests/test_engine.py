@@ -9,7 +9,7 @@ from peft import LoraConfig
 
 from lora_da_fast import LoraDAConfig, collect_statistics, initialize_lora_da, solve_lora_da
 from lora_da_fast import checkpoint as ckpt
-from lora_da_fast.engine import run_lora_da
+from lora_da_fast.engine import RunOptions, run_lora_da
 from lora_da_fast.peft_integration import lora_layers
 from lora_da_fast.plan import layer_of, plan_slices
 from lora_da_fast.targets import find_target_modules
@@ -92,11 +92,11 @@ def test_streamed_checkpoint_resumes_bit_identically(tmp_path, monkeypatch):
     ck = str(tmp_path / "run.ckpt")
     interrupt_after(monkeypatch, 6, slice_index=1)
     with pytest.raises(KeyboardInterrupt):
-        run_lora_da(model, ex, cfg, progress=False, checkpoint=ck, checkpoint_every=2)
+        run_lora_da(model, ex, cfg, progress=False, options=RunOptions(checkpoint=ck, checkpoint_every=2))
     monkeypatch.undo()
     meta = ckpt.peek(ck)
     assert meta["slice"] == 1 and meta["done"] == 6
-    got = run_lora_da(model, ex, cfg, progress=False, checkpoint=ck, checkpoint_every=2)
+    got = run_lora_da(model, ex, cfg, progress=False, options=RunOptions(checkpoint=ck, checkpoint_every=2))
     assert got.info["resumed_from_examples"] == 6 and not os.path.exists(ck)
     for name in ref:
         assert torch.equal(got[name].lora_A, ref[name].lora_A) and torch.equal(got[name].lora_B, ref[name].lora_B)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lora_da_fast import FisherStatistics, LoraDAConfig, run_lora_da, solve_lora_da
+from lora_da_fast.engine import RunOptions
 
 from .helpers import brute_force_statistics, dense_product_np, random_examples, rel_err, tiny_gpt2, tiny_llama
 from .tolerances import TOL
@@ -64,7 +65,7 @@ def test_statistics_file_keeps_the_tokens(tmp_path):
     model = tiny_llama()
     examples = random_examples(5, seed=2, max_len=10)
     cfg = LoraDAConfig(rank=4, population_size=1000)
-    res = run_lora_da(model, examples, cfg, progress=False, statistics_file=str(tmp_path / "s.st"))
+    res = run_lora_da(model, examples, cfg, progress=False, options=RunOptions(statistics_file=str(tmp_path / "s.st")))
     loaded = FisherStatistics.load(str(tmp_path / "s.st"))
     assert loaded.tokens is not None and set(loaded.tokens.X) == set(res.statistics.tokens.X)
     again = solve_lora_da(loaded, cfg)

@@ -76,6 +76,11 @@ _DTYPE_ADVICE = "overflow in the model's dtype? try --dtype float32"
 def _explain(exc: LoraDAError, args, state: RunState) -> str:
     """The error's message, with what the user can do when the library's text cannot know it."""
     msg = one_line(exc)
+    limit = getattr(exc, "position_limit", None)
+    if limit is not None:  # an example longer than the model's learned positions
+        msg += f" of --model {args.model}: use --max-length {limit} or less"
+    if "the tokenizer does not match the model" in msg:
+        msg = f"--model {args.model}: {msg}"
     if isinstance(exc, NumericalError):
         m = re.search(r"on examples ([\d, ]+)", msg)
         if m:

@@ -19,12 +19,11 @@ from ..builtins import check_model_folder, load_model, load_records, records_to_
 from ..checkpoint import is_checkpoint_file
 from ..config import LoraDAConfig
 from ..data import IGNORE_INDEX
-from ..engine import fingerprint, run_lora_da, select_statistics
+from ..engine import RunOptions, execute, prepare_run, run_lora_da, select_statistics
 from ..errors import ConfigError, DataError, LoraDAError, TargetError
 from ..fileio import write_json_atomic
 from ..peft_integration import apply_lora_da, resolve_lora_da_config
-from ..targets import check_rank_fits, lora_target_names, parse_target_modules
-from ..validate import embedding_rows, position_limit
+from ..targets import lora_target_names, parse_target_modules
 from ..version import __version__
 from .args import PROG
 from .output import REPORT_FILE, check_out, remove_stale_temporaries, write_adapter
@@ -108,23 +107,6 @@ def _check_device(device: str) -> None:
         raise ConfigError("--device meta holds no data (the model could not run): use auto, cpu, cuda or cuda:N")
 
 
-def _check_fit(model, examples, args, state: RunState) -> None:
-    """Token ids inside the model's embedding and examples within its learned positions, before the pass
-    (else an IndexError, or a CUDA device-side assert, in the middle of it)."""
-    rows, limit = embedding_rows(model), position_limit(model)
-    for i, e in enumerate(examples):
-        ids = e["input_ids"]
-        if rows is not None and ids.numel() and (int(ids.max()) >= rows or int(ids.min()) < 0):
-            bad = int(ids.max()) if int(ids.max()) >= rows else int(ids.min())
-            raise ConfigError(f"--model {args.model}: its tokenizer gives token id {bad} ({where([i], state.data_lines)}) "
-                              f"but its embedding has {rows} rows (ids 0 to {rows - 1}): the tokenizer does not match "
-                              "the model")
-        if limit is not None and ids.shape[-1] > limit:
-            raise ConfigError(f"--max-length {args.max_length} is beyond the model's {limit} positions "
-                              f"(max_position_embeddings of --model {args.model}; {where([i], state.data_lines)} has "
-                              f"{ids.shape[-1]} tokens): use --max-length {limit} or less")
-
-
 def run_init(args, state: Optional[RunState] = None) -> dict:
     """The ``init`` command; returns the report (also written to ``DIR/lora_da_report.json``)."""
     state = state if state is not None else RunState()
@@ -175,7 +157,6 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
         if "matches no module" in text and "name(s)" not in text:  # PEFT's names are not what the user typed
             text = f"--target-modules {args.target_modules!r} matches no module; " + text.split("; ", 1)[-1]
         raise TargetError(text) from None
-    check_rank_fits(model, names, args.rank)
     cfg = resolve_lora_da_config(lora_config, cfg, names)
 
     with clock.phase("tokenize"):
@@ -189,12 +170,14 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
     if empty and say:
         say(f"{len(empty)} of {len(examples)} examples have no label token (empty, or the prompt fills "
             f"--max-length): skipped ({where(empty, state.data_lines)})")
-    _check_fit(model, examples, args, state)
+    # One prepared run: every check of the settings, the model and the examples, before any forward.
+    opts = RunOptions(log=say, status=state.status, describe=lambda i: where([i], state.data_lines))
+    run = prepare_run(model, examples, cfg, describe=opts.describe)
 
-    stats, verified, run_kw = None, None, {}
+    stats, verified = None, None
     if stats_cache:
         with clock.phase("fingerprint"):  # checksums of the weights and the data: once, for both uses
-            parts = fingerprint(model, examples, cfg)
+            parts = run.fingerprint()
         want = {k: parts[k] for k in CACHE_PARTS}
         # rank 0 decides (every rank must take the same branch); each rank then reads the file itself
         if comm.broadcast_from_main(os.path.isfile(stats_cache)):
@@ -210,19 +193,24 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
             if say:
                 say(f"statistics loaded from {stats_cache}")
         else:
-            meta = {"fingerprint": {"parts": want},
-                    "cli": {"model": args.model, "data": args.data, "num_samples": args.num_samples,
-                            "max_length": args.max_length, "token_mask": args.token_mask, "dtype": args.dtype}}
-            run_kw = dict(checkpoint=stats_cache + PARTIAL_SUFFIX, checkpoint_every=args.checkpoint_every,
-                          fingerprint=parts, statistics_file=stats_cache, statistics_meta=meta)
+            opts.checkpoint = stats_cache + PARTIAL_SUFFIX
+            opts.checkpoint_every = args.checkpoint_every
+            opts.statistics_file = stats_cache
+            opts.statistics_meta = {
+                "fingerprint": {"parts": want},
+                "cli": {"model": args.model, "data": args.data, "num_samples": args.num_samples,
+                        "max_length": args.max_length, "token_mask": args.token_mask, "dtype": args.dtype}}
 
     clock.current = "the statistics pass and the solve"
-    result = run_lora_da(model, examples, cfg, progress=show, log=say, stats=stats, status=state.status, **run_kw)
+    if stats is not None:
+        result = run_lora_da(model, None, cfg, progress=show, stats=stats, options=opts)
+    else:
+        result = execute(run, progress=show, options=opts)
     info = result.info
     for phase in ("fingerprint", "statistics", "solve"):
         if info.get(f"{phase}_s"):
             clock.wall[phase] = clock.wall.get(phase, 0.0) + info[f"{phase}_s"]
-    if run_kw and comm.is_main():
+    if opts.statistics_file is not None and comm.is_main():
         if say:
             say(f"statistics saved to {stats_cache}")
         for other in glob.glob(glob.escape(stats_cache + PARTIAL_SUFFIX) + ".rank*"):  # other rank counts
@@ -263,7 +251,8 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
         "cpu_time_s": clock.cpu,
         "peak_memory": peak_memory(device),
         "wall_time_s": clock.total(),
-        "modules": {name: dict(rep.to_dict(), rank=cfg.rank) for name, rep in result.reports.items()},
+        "modules": {name: dict(rep.to_dict(), rank=int(result[name].lora_A.shape[0]))
+                    for name, rep in result.reports.items()},
     }
     with clock.phase("save"):
         write_adapter(peft_model, report, out, overwrite=args.overwrite)

@@ -11,7 +11,7 @@ from ..results import LoraDAResult
 from .batched import solve_batched
 from .reference import solve_reference
 from .sensitivity import measure_sensitivity
-from .steps import check_nonzero, check_rank
+from .steps import check_nonzero
 from .token_space import solve_token_groups, token_path_groups
 
 
@@ -22,13 +22,11 @@ def check_solvable(stats: FisherStatistics, cfg: LoraDAConfig) -> None:
         raise ConfigError("cfg must be a LoraDAConfig")
     if not isinstance(stats, FisherStatistics):
         raise ConfigError(f"stats must be a FisherStatistics, got {type(stats).__name__}")
-    if cfg.beta > 0 and cfg.population_size is None:
-        raise ConfigError("population_size is required when beta > 0: give the number of examples of the "
-                          "fine-tuning set (it scales the variance term)")
+    shapes = {n: (st.d_out, st.d_in) for n, st in stats.modules.items()}
+    cfg.check_solvable(shapes, cfg.module_ranks(list(shapes)))
     if cfg.output_fisher != stats.output_fisher:
         raise ConfigError(f"the statistics were gathered for output_fisher={stats.output_fisher!r}, "
                           f"the config asks for {cfg.output_fisher!r}")
-    check_rank(stats, cfg.rank)
     check_finite(stats)
     check_nonzero(stats)
 

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..config import LoraDAConfig
-from ..errors import NumericalError, TargetError
+from ..errors import NumericalError
 from ..fisher import FisherStatistics, ModuleStatistics, first_failing
 from ..results import LoraFactors
 
@@ -139,13 +139,6 @@ def to_factors(A0: torch.Tensor, D: torch.Tensor, gamma: float) -> LoraFactors:
     scale = 1.0 / math.sqrt(gamma)
     return LoraFactors((A0.transpose(-1, -2) * scale).float().contiguous(),
                        (B0.transpose(-1, -2) * scale).float().contiguous())
-
-
-def check_rank(stats: FisherStatistics, rank: int) -> None:
-    for name, st in stats.modules.items():
-        if rank > min(st.d_in, st.d_out):
-            raise TargetError(f"rank {rank} is larger than min(d_in, d_out) = {min(st.d_in, st.d_out)} "
-                              f"of module {name}")
 
 
 def check_nonzero(stats: FisherStatistics) -> None:
