@@ -24,7 +24,7 @@ import sys
 import torch
 
 from lora_da_fast import LoraDAConfig, run_lora_da
-from lora_da_fast.builtins import load_model, records_to_examples
+from lora_da_fast.cli.builtins import load_model, records_to_examples
 from lora_da_fast.data import prepare_examples
 from lora_da_fast.fisher import FisherStatistics, ModuleStatistics
 from lora_da_fast.solve import solve_reference

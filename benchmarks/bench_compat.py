@@ -35,7 +35,7 @@ import torch
 from harness import environment, git_state, markdown_table, timed, write_results
 
 from lora_da_fast import LoraDAConfig, collect_statistics, solve_lora_da  # after harness: a source tree
-from lora_da_fast.builtins import load_model, rotten_tomatoes
+from lora_da_fast.cli.builtins import load_model, rotten_tomatoes
 from lora_da_fast.cli.init import subsample_indices
 from lora_da_fast.compat import authors_target_names, estimate_lora_da_initializations
 from lora_da_fast.fisher import ModuleStatistics

@@ -49,7 +49,7 @@ SHAPES = {  # hidden, layers, intermediate, heads, kv heads
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
     if name in SHAPES:
         return random_llama(*SHAPES[name], vocab=32000, max_positions=4096, device=device, dtype=dtype)
-    from lora_da_fast.builtins import load_model
+    from lora_da_fast.cli.builtins import load_model
 
     model, _, _ = load_model(name, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16",
                                           torch.float16: "float16"}[dtype], device=str(device))

@@ -22,8 +22,9 @@
   estimated as the time at a stack of one (Python, dispatch, almost nothing to compute) plus the time of
   the host's own linear algebra at the stack size (today's Rayleigh-Ritz on the host, measured).
 
-Today's solver is ``lora_da_fast/solve/batched.py`` at a git revision (``load_baseline``), run against
-the current statistics storage through :class:`DenseZStats`.
+Today's solver is ``lora_da_fast/solve/batched.py`` at a git revision (``load_baseline``; with that
+revision's own ``factor.py``, ``operator.py`` and ``lobpcg.py`` where it has them), run against the current
+statistics storage through :class:`DenseZStats`.
 """
 from __future__ import annotations
 
@@ -45,23 +46,70 @@ from harness import REPO  # noqa: F401  (also makes lora_da_fast importable from
 
 from lora_da_fast import LoraDAConfig
 from lora_da_fast.solve import batched as new_batched
+from lora_da_fast.solve import factor as new_factor
 from lora_da_fast.solve import lobpcg as new_lobpcg
+from lora_da_fast.solve import operator as new_operator
 
 # --------------------------------------------------------------------------------------------------
 # Today's solver, from git
 
 
-def load_baseline(rev: str) -> types.ModuleType:
-    """``lora_da_fast/solve/batched.py`` as of git revision ``rev``, loaded as a module of the current
-    ``lora_da_fast.solve`` package (its relative imports resolve to the current package)."""
-    src = subprocess.check_output(["git", "-C", REPO, "show", f"{rev}:lora_da_fast/solve/batched.py"], text=True)
-    name = f"lora_da_fast.solve._baseline_{rev}"
+# the eigen-solve's modules of the solver at some revisions, in import order: one lobpcg.py (issue 17),
+# later split into factor.py <- operator.py <- lobpcg.py; none before issue 17 (all in batched.py)
+_SOLVER_PARTS = ("factor", "operator", "lobpcg")
+
+
+def _git_show(rev: str, path: str) -> Optional[str]:
+    """The file ``path`` at git revision ``rev``; ``None`` if that revision has no such file."""
+    try:
+        return subprocess.check_output(["git", "-C", REPO, "show", f"{rev}:{path}"], text=True,
+                                       stderr=subprocess.DEVNULL)
+    except subprocess.CalledProcessError:
+        return None
+
+
+def _exec_module(name: str, src: str, origin: str) -> types.ModuleType:
     mod = types.ModuleType(name)
     mod.__package__ = "lora_da_fast.solve"
-    mod.__file__ = f"<git {rev}:lora_da_fast/solve/batched.py>"
+    mod.__file__ = origin
     sys.modules[name] = mod
-    exec(compile(src, mod.__file__, "exec"), mod.__dict__)
+    exec(compile(src, origin, "exec"), mod.__dict__)
     return mod
+
+
+def load_baseline(rev: str) -> types.ModuleType:
+    """``lora_da_fast/solve/batched.py`` as of git revision ``rev``, loaded as a module of the current
+    ``lora_da_fast.solve`` package (its relative imports resolve to the current package), except the
+    eigen-solve's modules (:data:`_SOLVER_PARTS`) that ``rev`` has: those are ``rev``'s own (a single
+    ``lobpcg.py``, or the later ``factor.py``, ``operator.py`` and ``lobpcg.py``), loaded first and seen by
+    its imports in place of the current ones while it loads."""
+    src = subprocess.check_output(["git", "-C", REPO, "show", f"{rev}:lora_da_fast/solve/batched.py"], text=True)
+    name = f"lora_da_fast.solve._baseline_{rev}"
+    pkg = sys.modules["lora_da_fast.solve"]
+    saved = {}  # part -> (the current module in sys.modules, the package's attribute)
+    try:
+        for part in _SOLVER_PARTS:
+            path = f"lora_da_fast/solve/{part}.py"
+            part_src = _git_show(rev, path)
+            if part_src is None:
+                continue
+            full = f"lora_da_fast.solve.{part}"
+            saved[part] = (sys.modules.get(full), getattr(pkg, part, None))
+            old = _exec_module(f"{name}_{part}", part_src, f"<git {rev}:{path}>")
+            sys.modules[full] = old  # (``from .lobpcg import ...``)
+            setattr(pkg, part, old)  # (``from . import factor``)
+        return _exec_module(name, src, f"<git {rev}:lora_da_fast/solve/batched.py>")
+    finally:
+        for part, (current, attr) in saved.items():
+            full = f"lora_da_fast.solve.{part}"
+            if current is None:
+                sys.modules.pop(full, None)
+            else:
+                sys.modules[full] = current
+            if attr is None:
+                delattr(pkg, part)
+            else:
+                setattr(pkg, part, attr)
 
 
 class DenseZStats:
@@ -236,8 +284,8 @@ def shape_proxies(base: types.ModuleType, shape: str = "llama7b", rank: int = 8)
             b = torch.empty(f * c, **meta)
             groups[d_in] = groups.get(d_in, 0) + f
             if mod is None:
-                with _patched(new_lobpcg, "gpu_style", lambda t: True):
-                    op = new_lobpcg._Operator(L, idx, G, u, 1.0, b, torch.empty(f, d_in, d_in, **meta))
+                with _patched(new_factor, "gpu_style", lambda t: True):
+                    op = new_operator._Operator(L, idx, G, u, 1.0, b, torch.empty(f, d_in, d_in, **meta))
                     W = torch.empty(f * c, d_in, kw_new, **meta)
                     with bf_pass:
                         op.apply(W)
@@ -252,8 +300,8 @@ def shape_proxies(base: types.ModuleType, shape: str = "llama7b", rank: int = 8)
             with bf_fixed:
                 torch.linalg.cholesky_ex(L)
                 if mod is None:
-                    with _patched(new_lobpcg, "gpu_style", lambda t: True):
-                        new_lobpcg.spd_inverse(L)
+                    with _patched(new_factor, "gpu_style", lambda t: True):
+                        new_factor.spd_inverse(L)
                 else:
                     mod._tril_inverse(L)
         # today's solver also estimates ||Zd^{-1}|| by 5 block products with L^{-1}^T L^{-1} (2 reads of
@@ -400,7 +448,7 @@ def _stack_operator(mod, b: int, c: int, n: int, d_out: int, seed: int, beta: fl
     u = torch.rand(b, d_out, generator=gen, dtype=torch.float64) + 0.5
     bb = torch.full((b,), beta, dtype=torch.float64) if beta else None
     if mod is None:
-        return new_lobpcg._Operator(L, idx, G, u, 1.0, bb, torch.cholesky_inverse(L)), gen
+        return new_operator._Operator(L, idx, G, u, 1.0, bb, torch.cholesky_inverse(L)), gen
     return mod._Operator(L, idx, G, u, 1.0, bb, torch.linalg.inv(L)), gen
 
 
@@ -410,7 +458,7 @@ def cuda_path(base: Optional[types.ModuleType]):
     or the current one's (``gpu_style``)."""
     with contextlib.ExitStack() as es:
         if base is None:
-            es.enter_context(_patched(new_lobpcg, "gpu_style", lambda t: True))
+            es.enter_context(_patched(new_factor, "gpu_style", lambda t: True))
         else:
             es.enter_context(_patched(base, "_householder_on", lambda W: False))
             es.enter_context(_patched(base, "_per_item", lambda A: A.shape[0] > 1))

@@ -20,7 +20,7 @@ sys.path.insert(0, HERE)
 from harness import environment, git_state  # noqa: E402
 
 from lora_da_fast import LoraDAConfig  # noqa: E402
-from lora_da_fast.builtins import load_model, load_records, records_to_examples  # noqa: E402
+from lora_da_fast.cli.builtins import load_model, load_records, records_to_examples  # noqa: E402
 from lora_da_fast.cli.init import subsample_indices  # noqa: E402
 from lora_da_fast.data import prepare_examples  # noqa: E402
 from lora_da_fast.solve import solve_local  # noqa: E402

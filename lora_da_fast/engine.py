@@ -36,7 +36,7 @@ from .solve import solve_local, solve_sharded
 from .statistics import StatisticsPass, reduce_over_ranks, run_pass
 from .statistics.statistics_pass import LossFn
 from .targets import find_target_modules, linear_shape
-from .validate import check_examples_fit, check_model_loaded, example_ids
+from .validate import check_examples_fit, check_model_loaded
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +191,8 @@ def prepare_run(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, num_
     exs, skipped = prepare_examples(examples, cfg.sort_by_length, num_examples)
     check_model_loaded(model)
     name = describe or (lambda i: f"example {i}")
-    check_examples_fit(model, example_ids(exs), where=lambda k: name(exs[k].index))
+    order = sorted(range(len(exs)), key=lambda k: exs[k].index)  # the first bad example in the user's order
+    check_examples_fit(model, [exs[k].input_ids for k in order], where=lambda j: name(exs[order[j]].index))
     slices, plan = plan_slices(targets, cfg, model, exs)
     return PreparedRun(model, cfg, targets, per_module, exs, skipped, slices, plan, loss_fn)
 

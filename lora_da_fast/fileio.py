@@ -1,16 +1,14 @@
-"""Atomic file writes, the run's own temporaries, and disk errors in words.
+"""Atomic file writes, the temporary folders they go through, JSON helpers, and disk errors in words.
 
 Every file the library writes (statistics, checkpoints, reports) is written by :func:`write_atomic`:
 into a temporary folder next to the target, flushed to disk, renamed over the target. A file is
 either its previous content or complete, even after a crash, Ctrl-C or a full disk.
 
-Ownership. Every temporary the library creates is a hidden folder ``.NAME.lora-da-tmp-TOKEN`` (TOKEN
-random) holding a marker file :data:`OWNER_FILE` that records TOKEN, the run id (:data:`RUN_ID`, random
-per process), the process id and start time, the host and its boot id. A later run removes such a folder
-(:func:`remove_stale_temporaries`) only when the marker matches the folder's name and its process is
-certainly gone: same host, and another boot, or the pid not alive, or alive but started at another time
-(a reused pid). Nothing is ever removed or renamed by a name pattern alone, so a user's
-``adapter.old-2024`` or ``stats.tmp-2023.txt`` is never touched.
+Temporaries. Every temporary the library creates is a hidden folder ``.NAME.lora-da-tmp-TOKEN`` (TOKEN
+random, made by :func:`make_temp_dir`) holding a marker file :data:`OWNER_FILE` that records TOKEN, the
+run id (:data:`RUN_ID`, random per process), the process id and start time, the host and its boot id.
+Reading these markers, removing the temporaries of runs that are certainly gone, and the no-replace and
+exchange renames of the output folder are the CLI's (:mod:`lora_da_fast.cli.ownership`).
 
 Disk errors. A full disk, a quota or a read-only file system raise ``OSError`` from Python and
 ``safetensors.SafetensorError`` from safetensors; :func:`disk_problem` recognises both, and
@@ -20,16 +18,16 @@ saying to free space.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
-from typing import Callable, List, Optional
+import threading
+from typing import Callable, Iterator, Optional
 
 from safetensors import SafetensorError
 
@@ -117,16 +115,6 @@ def _start_time(pid: int) -> Optional[str]:
     return fields[19] if len(fields) > 19 else None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
 _HOST = socket.gethostname()
 _BOOT = _boot_id()
 _ME = {"pid": os.getpid(), "start": _start_time(os.getpid())}
@@ -162,135 +150,9 @@ def make_temp_dir(target: str, **extra) -> str:
     return path
 
 
-def read_owner(path: str) -> Optional[dict]:
-    """The marker of the temporary folder ``path`` if it is one of ours (a marker whose token is the
-    one in the folder's name); ``None`` otherwise."""
-    name = os.path.basename(path.rstrip(os.sep))
-    if TMP_TAG not in name or os.path.islink(path) or not os.path.isdir(path):
-        return None
-    token = name.rsplit(TMP_TAG, 1)[1]
-    try:
-        with open(os.path.join(path, OWNER_FILE)) as f:
-            owner = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(owner, dict) or owner.get("kind") != _OWNER_KIND or owner.get("token") != token:
-        return None
-    return owner
-
-
-def owner_gone(owner: dict) -> bool:
-    """Whether the process that wrote ``owner`` is certainly gone (unknown: not gone)."""
-    if owner.get("host") != _HOST:
-        return False  # another machine on a shared file system: cannot tell
-    if owner.get("boot_id") and _BOOT and owner["boot_id"] != _BOOT:
-        return True  # the machine rebooted since
-    pid = owner.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if pid == os.getpid():  # this process, or an earlier one that had its pid (then it is gone)
-        return owner.get("run_id") != RUN_ID
-    if not _pid_alive(pid):
-        return True
-    start = _start_time(pid)
-    return start is not None and owner.get("start") is not None and start != owner["start"]  # pid reused
-
-
 def remove_temp_dir(path: str) -> None:
     """Remove a temporary folder this process created (errors ignored)."""
     shutil.rmtree(path, ignore_errors=True)
-
-
-def stale_temporaries(folder: str) -> List[str]:
-    """The temporary folders in ``folder`` left by runs that are certainly gone (see the module doc)."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    out = []
-    for name in sorted(names):
-        if not name.startswith(".") or TMP_TAG not in name:
-            continue
-        path = os.path.join(folder, name)
-        owner = read_owner(path)
-        if owner is not None and owner_gone(owner):
-            out.append(path)
-    return out
-
-
-def remove_stale_temporaries(folder: str, restore: Optional[Callable[[str, dict], None]] = None) -> List[str]:
-    """Remove the temporaries of dead runs in ``folder`` (see :func:`stale_temporaries`); ``restore(path,
-    owner)``, if given, is called first (e.g. to put back a previous adapter a killed run had moved
-    into it). Returns the folders removed."""
-    removed = []
-    for path in stale_temporaries(folder):
-        owner = read_owner(path) or {}
-        if restore is not None:
-            with contextlib.suppress(OSError):
-                restore(path, owner)
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(path):
-            removed.append(path)
-    return removed
-
-
-# --------------------------------------------------------------------------------------------------
-# Renames that never replace, or swap
-
-
-_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
-
-
-def _load_renameat2():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_renameat2 = _load_renameat2()
-
-
-def _rename2(src: str, dst: str, flags: int) -> bool:
-    """``renameat2(src, dst, flags)``; ``True`` if done, ``False`` if the system or file system does not
-    offer it (then the caller falls back); ``OSError`` for any other failure."""
-    if _renameat2 is None:
-        return False
-    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), dst)
-
-
-def rename_noreplace(src: str, dst: str) -> None:
-    """Rename ``src`` to ``dst``; ``FileExistsError`` if ``dst`` exists (never replaces it, also when it
-    appears at the last moment, where the system offers ``RENAME_NOREPLACE``)."""
-    if _rename2(src, dst, _RENAME_NOREPLACE):
-        return
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
-    if not os.path.isdir(src):
-        try:
-            os.link(src, dst)  # fails if dst exists
-        except FileExistsError:
-            raise
-        except OSError:  # no hard links on this file system: the check above is all there is
-            pass
-        else:
-            os.remove(src)
-            return
-    os.rename(src, dst)  # for a folder, a non-empty one at dst makes this fail; an empty one is the small window
-
-
-def exchange(a: str, b: str) -> bool:
-    """Swap the paths ``a`` and ``b`` atomically; ``False`` if the system cannot (nothing done)."""
-    return _rename2(a, b, _RENAME_EXCHANGE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +168,29 @@ def _fsync_dir(folder: str) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def signals_held(signals=(signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the body runs: a few steps that must happen together (create a
+    temporary and remember it; rename into place and note it), so that an interrupt can never leave a
+    temporary nobody will remove, or a state that the caller's message would misdescribe. A signal that
+    arrives meanwhile is delivered, to the handler that was in place, as soon as the body ends. Outside
+    the main thread (where handlers cannot be set) the body runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = {}
+    try:
+        for sig in signals:
+            old[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(got):
+            signal.raise_signal(sig)
+
+
 def write_atomic(path: str, write: Callable[[str], None], what: str = "the file") -> None:
     """``write(tmp)`` then fsync and rename over ``path``; ``tmp`` lies in a temporary folder of this run
     next to ``path``, removed afterwards whatever happens. A failed write (``OSError`` or
@@ -313,7 +198,8 @@ def write_atomic(path: str, write: Callable[[str], None], what: str = "the file"
     ``what`` and ``path``; the previous ``path`` is left intact."""
     tmp_dir = None
     try:
-        tmp_dir = make_temp_dir(path)
+        with signals_held():  # the temporary exists only once tmp_dir names it: removed below, always
+            tmp_dir = make_temp_dir(path)
         tmp = os.path.join(tmp_dir, os.path.basename(path))
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -327,7 +213,8 @@ def write_atomic(path: str, write: Callable[[str], None], what: str = "the file"
         raise write_failure(what, path, exc) from None
     finally:
         if tmp_dir is not None:
-            remove_temp_dir(tmp_dir)
+            with signals_held():
+                remove_temp_dir(tmp_dir)
 
 
 def json_safe(obj):

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from lora_da_fast import builtins as bi
+from lora_da_fast.cli import builtins as bi
 from lora_da_fast import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: longer than a few seconds on 2 CPU cores")
+    config.addinivalue_line("markers", "slow: longer than a few seconds on 2 CPU cores; run by `make test-slow` "
+                            "(CI runs it after `make test`), left out of `make test`")
 
 
 def pytest_collection_modifyitems(config, items):

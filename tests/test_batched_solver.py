@@ -327,10 +327,10 @@ def test_gpu_code_paths_on_cpu(monkeypatch):
     """The choices made for a GPU, exercised on the CPU: the explicit Zd^{-1} from the blocked inverse
     (GEMMs instead of triangular solves), CholeskyQR2 instead of Householder QR, factorisations one matrix
     at a time, plain GEMMs; wide blocks as well as the default ones."""
-    import lora_da_fast.solve.lobpcg as lb
+    import lora_da_fast.solve.factor as fa
 
-    monkeypatch.setattr(lb, "gpu_style", lambda t: True)
-    monkeypatch.setattr(lb, "_INVERSE_LEAF", 32)  # the recursion of the blocked inverse, at these sizes
+    monkeypatch.setattr(fa, "gpu_style", lambda t: True)
+    monkeypatch.setattr(fa, "_INVERSE_LEAF", 32)  # the recursion of the blocked inverse, at these sizes
     for beta, N, spectrum in ((0.0, None, "late"), (0.03, 100_000, "singular"), (1e6, 1, "early")):
         stats = synthetic(34, spectrum)
         check_against_reference(stats, LoraDAConfig(rank=8, beta=beta, population_size=N), apply="inverse")
@@ -356,7 +356,8 @@ def test_contract_on_gpu(dtype):
 def test_operator_applies_each_modules_own_factor(idx, per_factor, explicit_inverse):
     """``Zd^{-1}`` applied to a stack, whether the modules' factors are a slice of the chunk's (side by
     side), a gather of distinct ones, or an irregular pattern, equals the per-module float64 solve."""
-    from lora_da_fast.solve.lobpcg import _factor_runs, _Operator, spd_inverse
+    from lora_da_fast.solve.factor import spd_inverse
+    from lora_da_fast.solve.operator import _factor_runs, _Operator
 
     gen = torch.Generator().manual_seed(7)
     n, d_out, m = 24, 10, 3
@@ -386,14 +387,14 @@ def test_blocked_inverse_matches_float64(monkeypatch, n):
     flops where CUDA's ``cholesky_inverse`` takes ``2 n^3``), on the CPU with small leaves so that every
     level of the recursion and odd splits are exercised: symmetric and equal to LAPACK's ``potri`` to
     rounding."""
-    import lora_da_fast.solve.lobpcg as lb
+    import lora_da_fast.solve.factor as fa
 
-    monkeypatch.setattr(lb, "gpu_style", lambda t: True)
-    monkeypatch.setattr(lb, "_INVERSE_LEAF", 16)
+    monkeypatch.setattr(fa, "gpu_style", lambda t: True)
+    monkeypatch.setattr(fa, "_INVERSE_LEAF", 16)
     gen = torch.Generator().manual_seed(n)
     Z = torch.stack([_spd(n, SPECTRA["well"], gen)[0] for _ in range(3)])
     L = torch.linalg.cholesky(Z)
-    got = lb.spd_inverse(L)
+    got = fa.spd_inverse(L)
     assert rel_err(got, got.transpose(-1, -2)) < TOL["solver_fp64"]
     assert rel_err(got, torch.cholesky_inverse(L)) < TOL["solver_fp64"]
     assert rel_err(got @ Z, torch.eye(n, dtype=torch.float64).expand_as(Z)) < TOL["solver_fp64"]

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 
 from lora_da_fast import ConfigError, DataError  # noqa: E402
-from lora_da_fast import builtins as bi  # noqa: E402
+from lora_da_fast.cli import builtins as bi  # noqa: E402
 from lora_da_fast.data import IGNORE_INDEX  # noqa: E402
 from lora_da_fast.text import examples_from_pairs, examples_from_texts  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_byte_level_tokenizer_is_the_same_in_every_process(tokenizer):
     import subprocess
     import sys
 
-    code = ("from lora_da_fast import builtins as bi; "
+    code = ("from lora_da_fast.cli import builtins as bi; "
             "print(bi.byte_level_tokenizer()('Grüße, 世界! the movie', add_special_tokens=False)['input_ids'])")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lora_da_fast.builtins import byte_level_tokenizer, cache_dir, records_to_examples
+from lora_da_fast.cli.builtins import byte_level_tokenizer, cache_dir, records_to_examples
 from lora_da_fast.cli.args import build_parser
 from lora_da_fast.data import IGNORE_INDEX
 from lora_da_fast.errors import ConfigError, DataError

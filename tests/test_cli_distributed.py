@@ -20,7 +20,7 @@ from .tolerances import TOL
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
 
-pytestmark = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not found")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not found")]
 
 
 def _torchrun(argv, env, tmp_path):

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from lora_da_fast import builtins as bi  # noqa: E402
+from lora_da_fast.cli import builtins as bi  # noqa: E402
 from lora_da_fast import cli  # noqa: E402
 from lora_da_fast.fisher import FisherStatistics  # noqa: E402
 

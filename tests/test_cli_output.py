@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from safetensors import SafetensorError  # noqa: E402
 
 from lora_da_fast import cli, fileio  # noqa: E402
-from lora_da_fast.cli import output  # noqa: E402
+from lora_da_fast.cli import output, ownership  # noqa: E402
 from lora_da_fast.errors import ConfigError  # noqa: E402
 
 from .cli_helpers import (ROOT, adapter_bytes, args, assert_user_error, cache, cache_env, can_mount,  # noqa: E402,F401
@@ -45,8 +45,8 @@ def _content(folder):
 def rename_mode(request, monkeypatch):
     """Both ways of claiming --out: the atomic renameat2 of Linux, and the fallback of systems without it."""
     if request.param == "two renames":
-        monkeypatch.setattr(fileio, "_renameat2", None)
-    elif fileio._renameat2 is None:
+        monkeypatch.setattr(ownership, "_renameat2", None)
+    elif ownership._renameat2 is None:
         pytest.skip("renameat2 is not available here")
     return request.param
 
@@ -189,13 +189,13 @@ def _during_run(monkeypatch, action):
     """Run ``action()`` right after the statistics pass and the solve of the next CLI run."""
     import lora_da_fast.cli.init as init
 
-    real = init.run_lora_da
+    real = init.execute
 
     def wrapped(*a, **k):
         result = real(*a, **k)
         action()
         return result
-    monkeypatch.setattr(init, "run_lora_da", wrapped)
+    monkeypatch.setattr(init, "execute", wrapped)
 
 
 def test_out_that_appears_during_the_run(cache, data, tmp_path, capsys, monkeypatch):

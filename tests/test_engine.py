@@ -109,3 +109,75 @@ def test_plan_auto_on_cpu_is_one_pass():
     assert len(slices) == 1 and info["passes"] == 1 and sum(map(len, slices)) == len(targets)
     slices, info = plan_slices(targets, LoraDAConfig(layers_per_pass=1))
     assert [len(s) for s in slices] == [7, 7]
+
+
+# --------------------------------------------------------------------------------------------------
+# Every check of a run is the engine's, before any forward (the whole pass is never lost to a setting)
+
+
+def _forwards(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("cfg, ranks, error, match", [
+    (dict(rank=40, population_size=10), None, "TargetError", "rank 40 is larger than min(d_in, d_out) = 16 of module "
+                                                              "model.layers.0.self_attn.k_proj"),
+    (dict(rank=2), None, "ConfigError", "population_size is required when beta > 0"),
+    (dict(rank=2, population_size=10), {"model.layers.1.mlp.down_proj": 33}, "TargetError",
+     "rank 33 is larger than min(d_in, d_out) = 32 of module model.layers.1.mlp.down_proj"),
+    (dict(rank=2, population_size=10), {"model.layers.1.mlp.nope": 2}, "ConfigError", "not targets"),
+    (dict(rank=2, population_size=10), {"model.layers.1.mlp.down_proj": 0}, "ConfigError", "positive integer"),
+])
+def test_run_lora_da_checks_everything_before_any_forward(cfg, ranks, error, match):
+    """``run_lora_da`` with a rank above ``min(d_in, d_out)``, without ``population_size`` (beta > 0), or with
+    bad per-module ranks fails before the statistics pass: no forward of the model is run."""
+    from lora_da_fast import errors
+
+    model = tiny_llama()
+    calls, handle = _forwards(model)
+    with pytest.raises(getattr(errors, error), match=match.replace("(", r"\(").replace(")", r"\)")):
+        run_lora_da(model, random_examples(6, seed=1), LoraDAConfig(batch_size=2, backend="torch", **cfg),
+                    progress=False, ranks=ranks)
+    handle.remove()
+    assert calls == []
+
+
+def test_statistics_alone_need_no_rank_or_population():
+    """``solve=False`` (``collect_statistics``): rank and ``population_size`` play no part, nothing refused."""
+    model = tiny_llama()
+    stats = collect_statistics(model, random_examples(3, seed=1), LoraDAConfig(rank=40, batch_size=2, backend="torch"),
+                               progress=False)
+    assert len(stats.modules) == 14
+
+
+def test_every_door_checks_before_any_forward():
+    """The PEFT doors and compat reach the engine's one check: no forward before the refusal."""
+    from lora_da_fast.compat import estimate_lora_da_initializations
+    from lora_da_fast.errors import ConfigError, TargetError
+    from lora_da_fast.peft_integration import get_lora_da_state_dict
+
+    ex = random_examples(4, seed=2)
+    doors = [
+        (lambda m: initialize_lora_da(m, ex, LoraConfig(r=2, target_modules=["q_proj"]), LoraDAConfig(rank=2),
+                                      progress=False), ConfigError, "population_size is required"),
+        (lambda m: initialize_lora_da(m, ex, LoraConfig(r=2, target_modules=["k_proj"], rank_pattern={"k_proj": 40}),
+                                      LoraDAConfig(rank=2, population_size=10), progress=False),
+         TargetError, "rank 40 is larger"),
+        (lambda m: get_lora_da_state_dict(m, ex, LoraDAConfig(rank=40, population_size=10),
+                                          lora_config=LoraConfig(r=40, target_modules=["q_proj"]), progress=False),
+         TargetError, "rank 40 is larger"),
+        (lambda m: estimate_lora_da_initializations(m, ex, None, ["q_proj"], 40, 10, variance_beta=0.1, progress=False),
+         TargetError, "rank 40 is larger"),
+        (lambda m: estimate_lora_da_initializations(m, ex, None, ["q_proj"], 2, None, variance_beta=0.1,
+                                                    progress=False), ConfigError, "population_size is required"),
+    ]
+    for i, (door, error, match) in enumerate(doors):
+        model = tiny_llama()
+        calls, handle = _forwards(model)
+        with pytest.raises(error, match=match):
+            door(model)
+        handle.remove()
+        assert calls == [], i
+        assert all(p.requires_grad for p in model.parameters()), i  # left as found

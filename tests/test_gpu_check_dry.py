@@ -13,6 +13,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_dry_run_passes_every_step(tmp_path):
     env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_BUDGET_S="900", PYTHON=sys.executable,

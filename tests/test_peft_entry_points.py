@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from lora_da_fast import LoraDAConfig, collect_statistics, solve_lora_da
 from lora_da_fast.errors import ConfigError, TargetError
+from lora_da_fast.results import LoraFactors
 from lora_da_fast.peft_integration import get_lora_da_state_dict, initialize_lora_da_weights, lora_layers
 
 from .helpers import random_examples, rel_err, tiny_llama
@@ -81,6 +82,22 @@ def test_compute_on_the_plain_model_then_apply_and_subtract_init():
     # precomputed statistics of the base model serve too
     stats = collect_statistics(copy.deepcopy(base), examples, LoraDAConfig(target_modules=list(RANKS)), progress=False)
     assert_products(get_lora_da_state_dict(peft_model, None, DA, stats=stats, progress=False), state)
+
+
+def test_rank_pattern_through_initialize_lora_da():
+    """One road per question: ``initialize_lora_da`` (wrap and initialise a plain model) solves
+    ``rank_pattern`` as ``get_lora_da_state_dict`` does, each module with its own rank, in one engine run."""
+    from lora_da_fast import initialize_lora_da
+
+    base = tiny_llama(seed=7)
+    examples = random_examples(12, seed=8, min_len=6)
+    want = expected(copy.deepcopy(base), examples, RANKS)
+    peft_model = initialize_lora_da(copy.deepcopy(base), examples, user_config(), DA, progress=False)
+    layers = lora_layers(peft_model)
+    got = {n: LoraFactors(l.lora_A["default"].weight.detach(), l.lora_B["default"].weight.detach())
+           for n, l in layers.items()}
+    assert {n: f.lora_A.shape[0] for n, f in got.items()} == RANKS
+    assert_products(got, want)
 
 
 def test_classification_peft_model_with_a_loss_fn():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from lora_da_fast import builtins as bi  # noqa: E402
+from lora_da_fast.cli import builtins as bi  # noqa: E402
 from lora_da_fast.errors import DataError  # noqa: E402
 
 from .cli_helpers import run  # noqa: E402

@@ -5,6 +5,7 @@ replace)."""
 import errno
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 from lora_da_fast import LoraDAConfig, collect_statistics, fileio
 from lora_da_fast import checkpoint as ckpt
+from lora_da_fast.cli import ownership
 from lora_da_fast.errors import ConfigError, DataError
 from lora_da_fast.fisher import FisherStatistics, ModuleStatistics, check_tensors, is_statistics_file
 from lora_da_fast.statistics import StatisticsPass
@@ -172,25 +174,49 @@ def test_write_atomic_turns_every_disk_error_into_one_message(tmp_path):
                             "the thing")
 
 
+@pytest.mark.parametrize("signum, exc", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_write_atomic_interrupted_as_its_temporary_is_made_leaves_nothing(tmp_path, monkeypatch, signum, exc):
+    """Ctrl-C (or SIGTERM) arriving the moment the temporary folder exists, before write_atomic holds its
+    name: delivered once that name is held, so the temporary is removed (it was left behind before)."""
+    real = fileio.make_temp_dir
+
+    def interrupted(target, **extra):
+        path = real(target, **extra)
+        signal.raise_signal(signum)  # the handler runs here, before the caller has the path
+        return path
+
+    def terminate(signum, frame):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(fileio, "make_temp_dir", interrupted)
+    old = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with pytest.raises(exc):
+            fileio.write_atomic(str(tmp_path / "f.bin"), lambda tmp: open(tmp, "wb").close(), "the thing")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert os.listdir(tmp_path) in ([], ["f.bin"])
+
+
 @pytest.mark.parametrize("mode", ["renameat2", "fallback"])
 def test_rename_noreplace_and_exchange(tmp_path, monkeypatch, mode):
     if mode == "fallback":
-        monkeypatch.setattr(fileio, "_renameat2", None)
-    elif fileio._renameat2 is None:
+        monkeypatch.setattr(ownership, "_renameat2", None)
+    elif ownership._renameat2 is None:
         pytest.skip("renameat2 is not available here")
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     (a / "x").write_text("a")
     b.mkdir()  # even an empty folder is never replaced
     with pytest.raises(FileExistsError):
-        fileio.rename_noreplace(str(a), str(b))
+        ownership.rename_noreplace(str(a), str(b))
     assert (a / "x").read_text() == "a" and os.listdir(b) == []
     (b / "y").write_text("b")
-    swapped = fileio.exchange(str(a), str(b))
+    swapped = ownership.exchange(str(a), str(b))
     assert swapped == (mode == "renameat2")
     if swapped:
         assert (b / "x").read_text() == "a" and (a / "y").read_text() == "b"
     c = tmp_path / "c.txt"
     c.write_text("file")
-    fileio.rename_noreplace(str(c), str(tmp_path / "d.txt"))
+    ownership.rename_noreplace(str(c), str(tmp_path / "d.txt"))
     assert (tmp_path / "d.txt").read_text() == "file" and not c.exists()

@@ -6,12 +6,12 @@ from typing import Dict, Sequence
 import torch
 import torch.nn.functional as F
 
-from lora_da_fast.builtins import load_model as lib_load
+from lora_da_fast.cli.builtins import load_model as lib_load
 
 from .tasks import IGNORE
 
 def load_model(spec: str):
-    """(model, tokenizer) in float32 on CPU, via lora_da_fast.builtins (cached conversion of the GGUF)."""
+    """(model, tokenizer) in float32 on CPU, via lora_da_fast.cli.builtins (cached conversion of the GGUF)."""
     model, tok, _ = lib_load(spec, dtype="float32", device="cpu")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from lora_da_fast import examples_from_pairs
-from lora_da_fast.builtins import gsm_symbolic, read_jsonl
+from lora_da_fast.cli.builtins import gsm_symbolic, read_jsonl
 
 IGNORE = -100
 

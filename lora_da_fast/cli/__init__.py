@@ -19,8 +19,10 @@ interrupted (Ctrl-C), 143 terminated (SIGTERM). Once the adapter is complete, a 
 a closed stream, ``/dev/full``) gives exit 0 (a reader that stopped) or one line and exit 2, never a
 traceback.
 
-The package: :mod:`.args` (the parser), :mod:`.init` (the command), :mod:`.output` (the output folder),
-:mod:`.stats_cache`, :mod:`.report` (timings, table, summary).
+The package: :mod:`.args` (the parser), :mod:`.init` (the command), :mod:`.builtins` (the built-in models
+and data sets, loading of a model folder or a JSONL file), :mod:`.output` (the output folder),
+:mod:`.ownership` (the run's temporary folders next to it, their owner records, the no-replace and
+exchange renames), :mod:`.stats_cache`, :mod:`.report` (timings, table, summary).
 """
 from __future__ import annotations
 
@@ -37,11 +39,11 @@ from importlib import metadata
 from typing import List, Optional
 
 from .. import comm
-from ..builtins import BUILTIN_MODELS, cache_dir
 from ..checkpoint import peek
 from ..errors import LoraDAError, NumericalError
 from ..fileio import disk_problem, dump_json, json_safe, write_error
 from .args import PROG, build_parser
+from .builtins import BUILTIN_MODELS, cache_dir
 from .init import RunState, run_init, where
 from .output import REPORT_FILE, write_adapter
 from .report import format_table, print_summary
@@ -247,8 +249,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if _is_out_of_memory(exc):
             phase = state.status.get("phase") or (state.clock.current if state.clock else None)
             _err(f"{PROG}: error: out of memory{f' during {phase}' if phase else ''} ({one_line(exc)[:200]}): "
-                 f"lower --batch-size (now {args.batch_size}) or --max-length (now {args.max_length}), adapt "
-                 f"fewer modules (--target-modules), or use a device with more memory{_partial_hint(state)}")
+                 f"lower --batch-size (now {args.batch_size}) or --max-length (now {args.max_length}), stream the "
+                 f"model with --layers-per-pass auto (now {args.layers_per_pass or 'one pass'}), adapt fewer modules "
+                 f"(--target-modules), or use a device with more memory{_partial_hint(state)}")
             return 1
         path = _crash_report(exc, argv)
         tb = traceback.extract_tb(exc.__traceback__)

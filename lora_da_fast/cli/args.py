@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..builtins import BUILTIN_DATA, BUILTIN_MODELS
 from ..version import __version__
+from .builtins import BUILTIN_DATA, BUILTIN_MODELS
 
 PROG = "lora-da-fast"
 

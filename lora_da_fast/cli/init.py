@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from .. import comm
-from ..builtins import check_model_folder, load_model, load_records, records_to_examples
 from ..checkpoint import is_checkpoint_file
 from ..config import LoraDAConfig
 from ..data import IGNORE_INDEX
@@ -26,6 +25,7 @@ from ..peft_integration import apply_lora_da, resolve_lora_da_config
 from ..targets import lora_target_names, parse_target_modules
 from ..version import __version__
 from .args import PROG
+from .builtins import check_model_folder, load_model, load_records, records_to_examples
 from .output import REPORT_FILE, check_out, remove_stale_temporaries, write_adapter
 from .report import Clock, peak_memory, scaling
 from .stats_cache import CACHE_PARTS, PARTIAL_SUFFIX, check_stats_cache, load_stats_cache

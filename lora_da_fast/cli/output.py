@@ -8,9 +8,9 @@ user) is kept, and so is the new adapter, next to it as ``DIR.new-XXXXXX``. With
 adapter folder (or an empty one) is replaced, swapped atomically with the new one where the system offers
 it; a folder that holds the run's own inputs is refused before any work.
 
-Ownership. Temporaries are folders with an owner marker (:mod:`lora_da_fast.fileio`); a previous adapter
-is moved aside only into such a folder, so a killed run's leftovers are recognised with certainty and a
-previous adapter caught between two renames is put back.
+Ownership. Temporaries are folders with an owner marker (:mod:`lora_da_fast.cli.ownership`); a previous
+adapter is moved aside only into such a folder, so a killed run's leftovers are recognised with certainty
+and a previous adapter caught between two renames is put back.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional
 from safetensors import SafetensorError
 
 from ..errors import ConfigError
-from ..fileio import (dump_json, exchange, make_temp_dir, remove_stale_temporaries as _remove_stale,
-                      remove_temp_dir, rename_noreplace, write_failure)
+from ..fileio import dump_json, make_temp_dir, remove_temp_dir, write_failure
+from .ownership import exchange, remove_stale_temporaries as _remove_stale, rename_noreplace
 
 REPORT_FILE = "lora_da_report.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", REPORT_FILE)
@@ -105,8 +105,8 @@ def remove_stale_temporaries(out: str, stats_cache: Optional[str], log: Optional
                              ) -> List[str]:
     """Clear what killed runs (SIGKILL, power loss) left next to ``out`` and ``stats_cache`` (and inside
     ``out``): only folders with an owner marker of a run that is certainly gone
-    (:func:`lora_da_fast.fileio.remove_stale_temporaries`); a previous adapter caught between two renames
-    is put back first. Returns the folders removed."""
+    (:func:`lora_da_fast.cli.ownership.remove_stale_temporaries`); a previous adapter caught between two
+    renames is put back first. Returns the folders removed."""
     folders = [os.path.dirname(os.path.abspath(out)), os.path.abspath(out)]
     if stats_cache:
         folders.append(os.path.dirname(os.path.abspath(stats_cache)))

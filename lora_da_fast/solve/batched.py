@@ -2,7 +2,8 @@
 
 Same result as :func:`lora_da_fast.solve.reference.solve_reference` (docs/algorithm.md, "Solve") up to the
 accuracy contract, much faster. This module plans and drives the work; the factorisations, the operator
-and the eigensolver are in :mod:`lora_da_fast.solve.lobpcg`.
+and the eigensolver are in :mod:`lora_da_fast.solve.factor`, :mod:`lora_da_fast.solve.operator` and
+:mod:`lora_da_fast.solve.lobpcg`.
 
 1. **Stream.** Input groups are taken in chunks (same ``d_in``) whose working memory stays under
    ``max_batch_bytes``; everything a chunk allocates is freed before the next. On a GPU a chunk is a large
@@ -63,8 +64,10 @@ from ..config import LoraDAConfig
 from ..errors import ConfigError, NumericalError
 from ..fisher import FisherStatistics
 from ..results import LoraDAResult, LoraFactors, ModuleReport
-from .lobpcg import (SIGMA2_TOL, _mm, _Operator, cholesky_ex, flops_per_iteration, lobpcg, orthonormalize,
-                     rayleigh_ritz_small, sigma_from_basis, solve_dense, spd_inverse, zinv_norm)
+from .factor import cholesky_ex, spd_inverse
+from .lobpcg import (SIGMA2_TOL, flops_per_iteration, lobpcg, orthonormalize, rayleigh_ritz_small, sigma_from_basis,
+                     solve_dense, zinv_norm)
+from .operator import _mm, _Operator
 from .steps import canonical_signs, damping_note, input_damping, output_damping, output_inverse
 
 __all__ = ["BatchedOptions", "solve_batched"]

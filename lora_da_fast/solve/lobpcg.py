@@ -1,17 +1,11 @@
-"""The eigen-solve of the batched solver (docs/algorithm.md, "Solve"): factorisations of ``Zd``, the
-operator ``M' = -alpha D D^T + beta' Zd^{-1}`` applied to stacks of modules without forming ``D``, and a
-block LOBPCG whose iterations stay on the stack's device.
+"""The eigen-solve of the batched solver (docs/algorithm.md, "Solve"): a block LOBPCG whose iterations stay
+on the stack's device, for the smallest eigenpairs of the operator ``M' = -alpha D D^T + beta' Zd^{-1}``
+(:class:`.operator._Operator`, on the factors of :mod:`.factor`); ``sigma = ||D||_2`` from its last
+basis with a Kato-Temple check (:func:`sigma_from_basis`); the setup's orthonormalisation and the
+estimate of ``||Zd^{-1}||``; and the dense float64 solve of a stack (:func:`solve_dense`).
 
-Layout of the work on a stack of ``s`` same-shape modules (``n = d_in``):
+On a stack of ``s`` same-shape modules (``n = d_in``):
 
-- **Factors.** One Cholesky factor ``L`` per input group (``Zd = L L^T``) and, on the explicit path (GPU),
-  ``Zd^{-1}`` itself (``spd_inverse``: a recursive blocked inverse, ``n^3 / 3`` for ``L^{-1}`` and
-  ``n^3 / 3`` for ``L^{-T} L^{-1}``, where ``torch.cholesky_inverse`` on CUDA solves against the identity,
-  ``2 n^3``). The stack holds the same number ``c`` of modules of each factor, in factor order: ``Zd^{-1}``
-  is applied to the ``c`` modules' blocks side by side, each factor read once per product.
-- **Operator.** ``M' W = Zd^{-1} (-a G^T diag(u^2) G (Zd^{-1} W) + b W)``: two products with ``Zd^{-1}``
-  (GEMMs with the explicit inverse, or two triangular solves each) and two with ``G``. ``Zd^{-1} W`` is
-  kept: ``D D^T W = (b Zd^{-1} W - M' W) / a`` gives ``sigma = ||D||_2`` with no further pass.
 - **LOBPCG.** Basis ``[X, P, W]`` (``k``, ``kp`` and ``kw`` columns; ``[X, P, W, Zd W]`` when the variance
   term dominates), ``W`` the normalised residuals projected out of ``[X, P]`` once. Rayleigh-Ritz on the
   pencil ``(S^T M' S, S^T S)`` through a shifted Cholesky of the Gram matrix and one batched ``eigh`` on
@@ -37,6 +31,9 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import factor
+from .operator import _mm, _Operator
+
 
 # relative accuracy of sigma^2 = ||D||_2^2 (Kato-Temple bound): lora_B is divided by sigma, so half of
 # this is the relative error it adds to lora_B @ lora_A (the contract allows 1e-4: 200x margin)
@@ -52,305 +49,8 @@ RR_BATCHED_MAX = 32
 GRAM_SHIFT = {torch.float64: 1e-14, torch.float32: 1e-6}
 
 
-def gpu_style(t: torch.Tensor) -> bool:
-    """Whether ``t`` lives where the GPU choices apply (explicit blocked inverse, per-item factorisation of
-    large matrices, plain GEMM orientation). Tests patch it to run those choices on the CPU."""
-    return t.device.type == "cuda"
-
-
 def _tiny(dtype: torch.dtype) -> float:
     return 1e-200 if dtype == torch.float64 else 1e-30
-
-
-def _mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A @ B`` for a tall ``A`` and a narrow ``B``. On CPU computed as ``(B^T A^T)^T``: MKL's batched
-    GEMM runs 2-4x faster with the long dimension as the column count (measured, float64)."""
-    if gpu_style(A):
-        return A @ B
-    return (B.transpose(-1, -2) @ A.transpose(-1, -2)).transpose(-1, -2)
-
-
-def _mm_into(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """``A @ B`` written into ``out`` (a column slice of a basis buffer) when given."""
-    if out is None:
-        return _mm(A, B)
-    if gpu_style(A):
-        return torch.matmul(A, B, out=out)
-    return out.copy_(_mm(A, B))
-
-
-# --------------------------------------------------------------------------------------------------
-# Factorisation
-
-
-def _per_item(A: torch.Tensor) -> bool:
-    """Large matrices on a GPU are factorised one at a time: the batched cuSOLVER/cuBLAS routines are
-    made for many small matrices."""
-    return gpu_style(A) and A.shape[0] > 1 and A.shape[-1] > 256
-
-
-def cholesky_ex(Z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not _per_item(Z):
-        return torch.linalg.cholesky_ex(Z)
-    L = torch.empty_like(Z)
-    infos = []
-    for i in range(Z.shape[0]):
-        Li, info = torch.linalg.cholesky_ex(Z[i])
-        L[i] = Li
-        infos.append(info)
-    return L, torch.stack(infos)
-
-
-# below this size the blocked inverse uses one library call per block (its extra flops are negligible)
-_INVERSE_LEAF = 128
-
-
-def _split(n: int) -> int:
-    """Where a blocked recursion splits ``n``: near the middle, on a multiple of 64 when possible."""
-    h = n // 2
-    return h - h % 64 if h > 64 else h
-
-
-def _trsm(A: torch.Tensor, B: torch.Tensor, upper: bool, left: bool = True) -> torch.Tensor:
-    """``torch.linalg.solve_triangular`` for the blocked inverse. On a GPU, stacks of more than 8 large
-    triangles are solved one at a time: torch sends such stacks to batched cuBLAS/MAGMA kernels made for
-    small matrices, where one large solve per item runs at GEMM speed."""
-    if gpu_style(A) and A.dim() == 3 and A.shape[0] > 8 and A.shape[-1] > 512:
-        return torch.stack([torch.linalg.solve_triangular(A[i], B[i], upper=upper, left=left)
-                            for i in range(A.shape[0])])
-    return torch.linalg.solve_triangular(A, B, upper=upper, left=left)
-
-
-def _tri_inverse_into(L: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = L^{-1}`` (lower triangular, ``n^3 / 3`` flops): ``[[A, 0], [C, B]]^{-1}`` has the blocks
-    ``A^{-1}``, ``B^{-1}`` (recursively) and ``-B^{-1} C A^{-1}`` (two triangular solves)."""
-    n = L.shape[-1]
-    if n <= _INVERSE_LEAF:
-        eye = torch.eye(n, dtype=L.dtype, device=L.device).expand_as(L)
-        out.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
-        return
-    h = _split(n)
-    A, C, B = L[..., :h, :h], L[..., h:, :h], L[..., h:, h:]
-    _tri_inverse_into(A, out[..., :h, :h])
-    _tri_inverse_into(B, out[..., h:, h:])
-    T = _trsm(A, C, upper=False, left=False)  # C A^{-1}
-    out[..., h:, :h] = _trsm(B, T, upper=False).neg_()
-    out[..., :h, h:].zero_()
-
-
-def _syrk(Q: torch.Tensor) -> torch.Tensor:
-    """``Q^T Q`` computing each off-diagonal block once (half the flops of one GEMM, recursively)."""
-    c = Q.shape[-1]
-    if c <= _INVERSE_LEAF:
-        return Q.transpose(-1, -2) @ Q
-    h = _split(c)
-    out = Q.new_empty(Q.shape[:-2] + (c, c))
-    out[..., :h, :h] = _syrk(Q[..., :h])
-    out[..., h:, h:] = _syrk(Q[..., h:])
-    X = Q[..., h:].transpose(-1, -2) @ Q[..., :h]
-    out[..., h:, :h] = X
-    out[..., :h, h:] = X.transpose(-1, -2)
-    return out
-
-
-def _lauum_into(Li: torch.Tensor, L: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = Li^T Li`` for ``Li = L^{-1}`` (symmetric, ``n^3 / 3`` flops): with ``Li = [[P, 0], [Q, R]]``
-    the blocks are ``P^T P + Q^T Q``, ``R^T Q = B^{-T} Q`` (a triangular solve) and ``R^T R``."""
-    n = Li.shape[-1]
-    if n <= _INVERSE_LEAF:
-        out.copy_(Li.transpose(-1, -2) @ Li)
-        return
-    h = _split(n)
-    P, Q, R = Li[..., :h, :h], Li[..., h:, :h], Li[..., h:, h:]
-    _lauum_into(R, L[..., h:, h:], out[..., h:, h:])
-    X = _trsm(L[..., h:, h:].transpose(-1, -2), Q, upper=True)  # R^T Q
-    out[..., h:, :h] = X
-    out[..., :h, h:] = X.transpose(-1, -2)
-    _lauum_into(P, L[..., :h, :h], out[..., :h, :h])
-    out[..., :h, :h] += _syrk(Q)
-
-
-def spd_inverse(L: torch.Tensor) -> torch.Tensor:
-    """``Zd^{-1} = L^{-T} L^{-1}`` (symmetric, full) from the Cholesky factors ``L`` (``[g, n, n]``).
-
-    CPU: LAPACK's ``potri`` (``torch.cholesky_inverse``, ``2 n^3 / 3`` flops). GPU: the blocked recursion
-    of ``_tri_inverse_into`` and ``_lauum_into`` (``2 n^3 / 3`` flops in large triangular solves and
-    GEMMs), where ``torch.cholesky_inverse`` would solve against the identity (``2 n^3``)."""
-    if not gpu_style(L):
-        return torch.cholesky_inverse(L)
-    Li = torch.empty_like(L)
-    _tri_inverse_into(L, Li)
-    out = torch.empty_like(L)
-    _lauum_into(Li, L, out)
-    return out
-
-
-def _factor_runs(idx: torch.Tensor) -> Tuple[int, Optional[object]]:
-    """``(c, sel)`` when ``idx`` is ``c`` repeats of each of increasing factor indices (``sel``: a slice
-    if they are consecutive, else their index tensor), else ``(0, None)``."""
-    if idx.numel() == 0:
-        return 0, None
-    uniq, counts = torch.unique_consecutive(idx, return_counts=True)
-    c = int(counts[0])
-    if not bool((counts == c).all()) or (uniq.numel() > 1 and not bool((uniq[1:] > uniq[:-1]).all())):
-        return 0, None
-    first, last = int(uniq[0]), int(uniq[-1])
-    if last - first + 1 == uniq.numel():
-        return c, slice(first, last + 1)
-    return c, uniq
-
-
-# --------------------------------------------------------------------------------------------------
-# The operator A = -a D D^T + b Zd^{-1} on a stack, with D = -Zd^{-1} G^T diag(u) never formed
-
-
-class _Operator:
-    """``A = -a D D^T + b Zd^{-1} = Zd^{-1} (-a G^T diag(u^2) G Zd^{-1} + b I)`` for a stack of modules.
-
-    ``Lsrc``: ``[g, n, n]`` Cholesky factors of the chunk's ``Zd``; ``idx``: ``[s]`` the factor of each
-    module of the stack; ``G``: ``[s, d_out, n]``; ``u``: ``[s, d_out]``; ``b``: ``[s]`` float64 or
-    ``None``; ``Zinvsrc``: the explicit ``Zd^{-1}`` per factor (GEMMs) or ``None`` (triangular solves).
-
-    When the stack holds the same number ``c`` of modules of every factor, in factor order, ``Zd^{-1}`` is
-    applied to the ``c`` modules' columns side by side with the chunk's factors themselves: no per-module
-    copy, each factor read once per product. Otherwise (a subset for the dense fallback or the sigma
-    refinement) the factors are gathered per module.
-
-    ``passes`` (host array over the stack's items, shared with subsets through ``items``) counts the
-    operator passes each module cost, in units of one application of ``A`` (its bytes: two reads of its
-    share of the factor, two of ``G``); diagnostics only.
-    """
-
-    def __init__(self, Lsrc: torch.Tensor, idx: torch.Tensor, G: torch.Tensor, u: torch.Tensor, a: float,
-                 b: Optional[torch.Tensor], Zinvsrc: Optional[torch.Tensor],
-                 items: Optional[np.ndarray] = None, passes: Optional[np.ndarray] = None):
-        self.Lsrc, self.Zinvsrc, self.idx = Lsrc, Zinvsrc, idx
-        self.G, self.u, self.a, self.b = G, u, a, b
-        self.ua = (u * u * (-a))[..., None] if a != 0 else None  # [s, d_out, 1]
-        self.bw = None if b is None else b.to(G.dtype)[:, None, None]
-        self.per_factor, self._sel = _factor_runs(idx)
-        self._fL = self._fZ = self._L = None
-        s = G.shape[0]
-        self.items = np.arange(s) if items is None else items
-        self.passes = np.zeros(s) if passes is None else passes
-        n, d_out = G.shape[-1], G.shape[-2]
-        share = n * n / max(1, self.per_factor)  # factor elements read per module and product
-        self._w_zinv = share / (2 * share + 2 * n * d_out)  # one product with Zd^{-1}, as a fraction of A
-
-    def __len__(self) -> int:
-        return self.G.shape[0]
-
-    def _count(self, w: float) -> None:
-        self.passes[self.items] += w
-
-    def _factors(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The distinct factors of the stack, in order (a view of the chunk's when they are consecutive)."""
-        if self._fL is None and self._fZ is None:
-            self._fL = None if self.Lsrc is None else self.Lsrc[self._sel]
-            self._fZ = None if self.Zinvsrc is None else self.Zinvsrc[self._sel]
-        return self._fL, self._fZ
-
-    @property
-    def L(self) -> torch.Tensor:
-        """The stack's factors, one per module (gathered on first use: the dense fallback)."""
-        if self._L is None:
-            self._L = self._factors()[0] if self.per_factor == 1 else self.Lsrc[self.idx]
-        return self._L
-
-    def subset(self, pos: torch.Tensor) -> "_Operator":
-        """The operator on the items ``pos`` of this stack (factors gathered per module when ``pos`` breaks
-        the factor runs)."""
-        hpos = pos.cpu().numpy()
-        return _Operator(self.Lsrc, self.idx[pos], self.G[pos], self.u[pos], self.a,
-                         None if self.b is None else self.b[pos], self.Zinvsrc, self.items[hpos], self.passes)
-
-    def compact(self, pos: torch.Tensor, with_L: bool = True) -> "_Operator":
-        """The operator on the items ``pos``, which must be all the items of some of its factors: those
-        factors (and ``G``) are copied, so that the dropped ones stop costing bytes (``L`` only if
-        ``with_L`` or there is no explicit inverse: the iterations need nothing else)."""
-        if self.per_factor == 0:
-            return self.subset(pos)
-        fpos = self.idx[pos[:: self.per_factor]]
-        Zsrc = None if self.Zinvsrc is None else self.Zinvsrc[fpos]
-        Lsrc = self.Lsrc[fpos] if with_L or Zsrc is None else None
-        c = self.per_factor
-        idx = torch.arange(fpos.numel(), device=pos.device).repeat_interleave(c)
-        hpos = pos.cpu().numpy()
-        return _Operator(Lsrc, idx, self.G[pos], self.u[pos], self.a, None if self.b is None else self.b[pos],
-                         Zsrc, self.items[hpos], self.passes)
-
-    def with_coefficients(self, a: float, b: Optional[torch.Tensor]) -> "_Operator":
-        op = _Operator(self.Lsrc, self.idx, self.G, self.u, a, b, self.Zinvsrc, self.items, self.passes)
-        op._fL, op._fZ, op._L = self._fL, self._fZ, self._L
-        return op
-
-    def _side_by_side(self, X: torch.Tensor, fn, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``fn(Xg, out)`` per factor with the ``c`` modules' columns side by side (``[f, n, c*m]``); the
-        result in ``out`` if given."""
-        c = self.per_factor
-        s, n, m = X.shape
-        if c == 1:
-            return fn(X, out)
-        Xg = X.reshape(-1, c, n, m).transpose(1, 2).reshape(-1, n, c * m)
-        Yg = fn(Xg, None).reshape(-1, n, c, m).transpose(1, 2)
-        if out is None:
-            return Yg.reshape(s, n, m)
-        out.view(-1, c, n, m).copy_(Yg)
-        return out
-
-    def zinv(self, X: torch.Tensor, count: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``Zd^{-1} X`` (into ``out`` if given): ``Zinv @ X`` with the explicit inverse, else two triangular
-        solves with ``L`` (not ``cholesky_solve``: it copies ``L`` into column-major order on every call)."""
-        if count:
-            self._count(self._w_zinv)
-        if self.per_factor:
-            L, Zi = self._factors()
-        elif self.Zinvsrc is not None:
-            L, Zi = None, self.Zinvsrc[self.idx]
-        else:
-            L, Zi = self.L, None
-        if Zi is not None:
-            fn = lambda Y, o: _mm_into(Zi, Y, o)  # noqa: E731
-        else:
-            def fn(Y, o):
-                Y = torch.linalg.solve_triangular(L, Y, upper=False)
-                Y = torch.linalg.solve_triangular(L.transpose(-1, -2), Y, upper=True)
-                return Y if o is None else o.copy_(Y)
-        return self._side_by_side(X, fn, out) if self.per_factor else fn(X, out)
-
-    def zd_mul(self, X: torch.Tensor) -> torch.Tensor:
-        """``Zd X = L (L^T X)`` (the preconditioner of the variance-dominated case)."""
-        self._count(2 * self._w_zinv)
-        if self.per_factor:
-            L = self._factors()[0]
-            return self._side_by_side(X, lambda Y, o: _mm(L, _mm(L.transpose(-1, -2), Y)))
-        return _mm(self.L, _mm(self.L.transpose(-1, -2), X))
-
-    def d_mul(self, X: torch.Tensor) -> torch.Tensor:
-        """``D X = -Zd^{-1} G^T (u * X)`` (``X``: ``[s, d_out, m]``)."""
-        self._count(0.5 - self._w_zinv)
-        return -self.zinv(_mm(self.G.transpose(-1, -2), self.u[..., None] * X))
-
-    def dt_mul(self, X: torch.Tensor) -> torch.Tensor:
-        """``D^T X = -u * (G Zd^{-1} X)`` (``X``: ``[s, n, m]``)."""
-        self._count(0.5 - self._w_zinv)
-        return -self.u[..., None] * _mm(self.G, self.zinv(X))
-
-    def apply(self, X: torch.Tensor, out: Optional[torch.Tensor] = None, yout: Optional[torch.Tensor] = None
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(A X, Zd^{-1} X)``, written into ``out`` and ``yout`` when given."""
-        self._count(1.0 - 2 * self._w_zinv)
-        Y = self.zinv(X, out=yout)
-        if self.ua is not None:
-            V = _mm(self.G.transpose(-1, -2), _mm(self.G, Y) * self.ua)
-            if self.bw is not None:
-                V = V.addcmul_(self.bw, X)
-        else:
-            V = X * self.bw
-        return self.zinv(V, out=out), Y
-
-    def __call__(self, X: torch.Tensor) -> torch.Tensor:
-        return self.apply(X)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,7 +69,7 @@ def orthonormalize(W: torch.Tensor) -> torch.Tensor:
     GPU: CholeskyQR2 with a float64 Gram matrix (two GEMMs and an ``m x m`` factorisation: batched
     Householder QR of tall thin blocks is a loop of latency-bound calls there), Householder QR if the
     Gram matrix is not numerically definite."""
-    if not gpu_style(W):
+    if not factor.gpu_style(W):
         return torch.linalg.qr(W)[0]
     for _ in range(2):
         Gm = W.transpose(-1, -2).double() @ W.double()
@@ -435,7 +135,7 @@ def _eigh_small(At: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     over the stack with one cuSOLVER call per matrix: on the host, the stack split over torch's CPU
     threads (one copy each way; host time grows with the stack over the cores)."""
     m = At.shape[-1]
-    if not gpu_style(At) or m <= RR_BATCHED_MAX:
+    if not factor.gpu_style(At) or m <= RR_BATCHED_MAX:
         return torch.linalg.eigh(At)
     host = At.cpu()
     parts = min(host.shape[0], max(1, torch.get_num_threads()))
@@ -594,7 +294,7 @@ def lobpcg(op: _Operator, X: torch.Tensor, nwant: int, *, gen: torch.Generator, 
     # On a GPU the host learns which modules have converged after the Rayleigh-Ritz step's eigh (its one
     # wait for the device): a module is found converged one iteration late. Where waiting is free (CPU)
     # it is decided as soon as the residuals are known, before the operator is applied again.
-    early = not gpu_style(B)
+    early = not factor.gpu_style(B)
 
     def record(it: int, Bc: torch.Tensor, Yc: Optional[torch.Tensor]) -> bool:
         """Record the modules that have converged (or run out of iterations); whether any is left."""
@@ -767,5 +467,5 @@ def flops_per_iteration(n: int, d_out: int, k: int, cols: int) -> float:
     return cols * (4 * n * n + 4 * n * d_out) + 8 * n * (k + 2 * cols) ** 2
 
 
-__all__ = ["EigResult", "SIGMA2_TOL", "cholesky_ex", "lobpcg", "orth_against",
-           "orthonormalize", "sigma_from_basis", "solve_dense", "spd_inverse", "zinv_norm"]
+__all__ = ["EigResult", "SIGMA2_TOL", "lobpcg", "orth_against", "orthonormalize", "sigma_from_basis",
+           "solve_dense", "zinv_norm"]

