@@ -28,5 +28,5 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "demo": ["gguf", "matplotlib"],
     },
-    entry_points={"console_scripts": ["lora-da-fast=lora_da_fast.cli:main"]},
+    entry_points={"console_scripts": ["lora-da-fast=lora_da_fast.__main__:console"]},
 )

@@ -26,7 +26,7 @@ from . import comm
 from .config import LoraDAConfig
 from .data import Example
 from .errors import DataError
-from .fileio import write_atomic
+from .fileio import unreadable, write_atomic
 from .fisher import FORMAT_VERSION, FisherStatistics, content_checksum, damaged_message, safetensors_header_has
 from .version import __version__
 
@@ -135,6 +135,9 @@ def _damaged(path: str, why: str) -> DataError:
 
 def _read(path: str, tensors: bool) -> Tuple[dict, Optional[Dict[str, torch.Tensor]]]:
     """The header (and the tensors, checked against the content checksum) of the checkpoint ``path``."""
+    why = unreadable(path)
+    if why:  # the header check below cannot tell an unreadable checkpoint from a file that is not one
+        raise DataError(f"the checkpoint {path}: cannot read: {why}")
     if not safetensors_header_has(path, _META_KEY):  # not ours: never advise deleting it
         raise DataError(f"{path} exists and is not a lora_da_fast checkpoint: the statistics pass would "
                         "overwrite it; move it away or choose another path")

@@ -12,8 +12,9 @@ What is the same (docs/algorithm.md, section 6, lists every difference from the 
   on the CPU, already divided by ``sqrt(gamma)``; ``..._for_betas`` returns ``{beta: result}`` for the
   distinct betas, in the order given;
 - ``named_grads`` (``{"<module>.weight": mean gradient}``) is the gradient ``G`` of the objective when
-  given; when ``None``, ``G`` comes from the same pass as the Fisher factors (the mean per-example
-  gradient over ``dataset``);
+  given (a missing key, a wrong shape, a tensor that is not floating point or not finite is refused
+  before the statistics pass); when ``None``, ``G`` comes from the same pass as the Fisher factors (the
+  mean per-example gradient over ``dataset``);
 - every formula of section 3 (damping, output damping, sequence low-rank output Fisher, the variance
   coefficient ``sum(u) / (N sigma^2)``, canonical signs), and ``normalize_delta``,
   ``delta_normalization_power``/``_reference`` and ``balance_factors``, implemented exactly.
@@ -50,7 +51,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import LoraDAConfig
+from .config import LoraDAConfig, is_integer, is_real
 from .engine import execute, prepare_run, solve_lora_da
 from .errors import ConfigError, DataError, NumericalError, TargetError
 from .fisher import FisherStatistics, ModuleStatistics
@@ -64,9 +65,9 @@ Initializations = Dict[str, Dict[str, torch.Tensor]]
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def _flag(name: str, value) -> bool:
@@ -76,7 +77,7 @@ def _flag(name: str, value) -> bool:
 
 
 def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
@@ -100,27 +101,39 @@ def authors_target_names(model: nn.Module, target_modules: Sequence[str]) -> Lis
     return names
 
 
-def _with_gradients(stats: FisherStatistics, named_grads: Dict[str, torch.Tensor]) -> FisherStatistics:
-    """``stats`` with each module's ``G`` replaced by ``named_grads["<module>.weight"]``."""
+def _checked_gradients(named_grads, shapes: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
+    """``{module name: gradient}`` from ``named_grads`` (``{"<module>.weight": G}``), checked against the
+    targets' weight shapes ``{name: (d_out, d_in)}`` before any forward: a missing key, a wrong shape, a
+    tensor that is not floating point or one holding NaN/inf would otherwise surface after the whole
+    statistics pass. The tensors are kept as given (converted after the pass, not held twice during it)."""
     if not hasattr(named_grads, "keys") or not hasattr(named_grads, "__getitem__"):
         raise ConfigError(f"named_grads must be a dict of parameter name -> gradient or None, got "
                           f"{type(named_grads).__name__}")
-    modules = {}
-    for name, st in stats.modules.items():
+    grads = {}
+    for name, shape in shapes.items():
         key = name + ".weight"
         if key not in named_grads:
             raise DataError(f"named_grads has no entry {key!r} (it needs one per target module; keys are "
                             "parameter names, as model.named_parameters() gives them)")
         g = named_grads[key]
         if not isinstance(g, torch.Tensor) or not g.is_floating_point():
-            raise DataError(f"named_grads[{key!r}] must be a floating-point tensor, got {type(g).__name__}")
-        if tuple(g.shape) != tuple(st.G.shape):
-            raise DataError(f"named_grads[{key!r}] has shape {tuple(g.shape)}, the module's weight is "
-                            f"{tuple(st.G.shape)}")
-        g = g.detach().to(device=st.G.device, dtype=torch.float32)
+            what = f"dtype {g.dtype}" if isinstance(g, torch.Tensor) else type(g).__name__
+            raise DataError(f"named_grads[{key!r}] must be a floating-point tensor, got {what}")
+        if tuple(g.shape) != tuple(shape):
+            raise DataError(f"named_grads[{key!r}] has shape {tuple(g.shape)}, the module's weight is {tuple(shape)}")
+        if g.device.type == "meta":
+            raise DataError(f"named_grads[{key!r}] is on the meta device: it holds no values")
         if not bool(torch.isfinite(g).all()):
             raise NumericalError(f"named_grads[{key!r}] holds NaN or inf")
-        modules[name] = ModuleStatistics(st.group, g, st.y, st.seq_sums)
+        grads[name] = g
+    return grads
+
+
+def _with_gradients(stats: FisherStatistics, grads: Dict[str, torch.Tensor]) -> FisherStatistics:
+    """``stats`` with each module's ``G`` replaced by its checked gradient (:func:`_checked_gradients`)."""
+    modules = {name: ModuleStatistics(st.group, grads[name].detach().to(device=st.G.device, dtype=torch.float32),
+                                      st.y, st.seq_sums)
+               for name, st in stats.modules.items()}
     return dataclasses.replace(stats, modules=modules)
 
 
@@ -209,7 +222,7 @@ def estimate_lora_da_initializations_for_betas(
     if not betas:
         raise ConfigError("variance_betas is empty: give at least one beta")
     for b in betas:
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0:
+        if not is_real(b) or not math.isfinite(b) or b < 0:
             raise ConfigError(f"every variance beta must be a finite number >= 0, got {b!r}")
     _positive_int("batch_size", batch_size)
     _positive_int("fisher_layers_per_pass", fisher_layers_per_pass)
@@ -254,11 +267,13 @@ def estimate_lora_da_initializations_for_betas(
                 msg = theirs + msg[len(ours):]
         raise ConfigError(msg) from None
     # the engine checks everything (population_size for the largest beta, the rank bound, the model, the
-    # examples) before any forward, then runs the one statistics pass
+    # examples) before any forward, named_grads is checked against the targets, then the one statistics pass
     run = prepare_run(model, dataset, cfg, loss_fn=loss_fn)
+    grads = None if named_grads is None else _checked_gradients(named_grads, {n: m.weight.shape
+                                                                              for n, m in run.targets.items()})
     stats = execute(run, solve=False, progress=progress).statistics
-    if named_grads is not None:
-        stats = _with_gradients(stats, named_grads)
+    if grads is not None:
+        stats = _with_gradients(stats, grads)
     out: Dict[float, Initializations] = {}
     for b in betas:
         result = solve_lora_da(stats, dataclasses.replace(cfg, beta=b), progress=progress)
@@ -300,7 +315,7 @@ def estimate_lora_da_initializations(
     """LoRA-DA initialisations for one ``variance_beta``:
     ``{"<module>.weight": {"lora_A": [r, d_in], "lora_B": [d_out, r]}}`` (CPU, float32, divided by
     ``sqrt(gamma)``), as :func:`estimate_lora_da_initializations_for_betas` with one beta."""
-    if isinstance(variance_beta, bool) or not isinstance(variance_beta, (int, float)):
+    if not is_real(variance_beta):
         raise ConfigError(f"variance_beta must be a number, got {variance_beta!r}")
     return estimate_lora_da_initializations_for_betas(
         model, dataset, named_grads, target_modules, rank, population_size, [variance_beta],

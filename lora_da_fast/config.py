@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -16,17 +17,39 @@ KEEP_TOKENS = ("auto", "always", "never")
 SENSITIVITY = ("auto", "always", "never")
 
 
+def is_integer(value) -> bool:
+    """An integer of any kind (Python, numpy: ``numbers.Integral``), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number of any kind (Python, numpy: ``numbers.Real``), but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def as_python_number(value):
+    """``value`` as a Python ``int`` (an integer) or ``float`` (another real), so that ``to_dict``, JSON
+    and fingerprints read the same whether the user gave ``8`` or ``np.int64(8)``."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _positive_number(name: str, value, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
+def _positive_integer(value) -> bool:
+    return is_integer(value) and value >= 1
+
+
 @dataclass
 class LoraDAConfig:
-    """Hyper-parameters of LoRA-DA. Defaults are those of the authors' released code.
+    """Hyper-parameters of LoRA-DA. Defaults are those of the authors' released code. Numbers may be
+    Python or numpy numbers (``numbers.Integral`` where an integer is meant, ``numbers.Real`` where a real
+    is), stored as Python ``int``/``float``; a bool is not a number here.
 
     Args:
         rank: LoRA rank ``r``.
@@ -85,11 +108,10 @@ class LoraDAConfig:
     sensitivity: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if not _positive_integer(self.rank):
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if self.population_size is not None:
-            if (isinstance(self.population_size, bool) or not isinstance(self.population_size, int)
-                    or self.population_size < 1):
+            if not _positive_integer(self.population_size):
                 raise ConfigError(
                     f"population_size must be a positive integer (the number of fine-tuning examples), "
                     f"got {self.population_size!r}")
@@ -124,23 +146,32 @@ class LoraDAConfig:
         else:
             raise ConfigError(
                 f"target_modules must be 'all-linear', a regex or a list of names, got {self.target_modules!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not _positive_integer(self.batch_size):
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.sort_by_length, bool):
             raise ConfigError(f"sort_by_length must be True or False, got {self.sort_by_length!r}")
         lpp = self.layers_per_pass
-        if not (lpp is None or lpp == "auto" or (isinstance(lpp, int) and not isinstance(lpp, bool) and lpp >= 1)):
+        if not (lpp is None or (isinstance(lpp, str) and lpp == "auto") or _positive_integer(lpp)):
             raise ConfigError(f"layers_per_pass must be None, 'auto' or a positive integer, got {lpp!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 64:
+        if not is_integer(self.seed) or not 0 <= self.seed < 2 ** 64:
             raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if self.keep_tokens not in KEEP_TOKENS:
             raise ConfigError(f"keep_tokens must be one of {KEEP_TOKENS}, got {self.keep_tokens!r}")
         if self.sensitivity not in SENSITIVITY:
             raise ConfigError(f"sensitivity must be one of {SENSITIVITY}, got {self.sensitivity!r}")
+        self._store_python_numbers()
+
+    def _store_python_numbers(self) -> None:
+        """numpy numbers (accepted wherever a number is meant) stored as Python ``int``/``float``."""
+        for name in ("rank", "population_size", "beta", "alpha", "gamma", "damping", "output_damping_ratio",
+                     "batch_size", "layers_per_pass", "max_damping", "seed"):
+            value = getattr(self, name)
+            if is_real(value):
+                setattr(self, name, as_python_number(value))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,9 +185,9 @@ class LoraDAConfig:
         if unknown:
             raise ConfigError(f"ranks given for {len(unknown)} module(s) that are not targets, e.g. {unknown[0]}")
         for name, r in ranks.items():
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            if not _positive_integer(r):
                 raise ConfigError(f"the rank of {name} must be a positive integer, got {r!r}")
-        return {n: ranks.get(n, self.rank) for n in names}
+        return {n: int(ranks.get(n, self.rank)) for n in names}
 
     def check_solvable(self, shapes: Mapping[str, Tuple[int, int]], ranks: Mapping[str, int]) -> None:
         """The one check of the settings of a solve, made before any data pass (by the engine, from the

@@ -26,8 +26,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import comm
-from .config import LoraDAConfig
-from .data import Example, prepare_examples
+from .config import LoraDAConfig, is_integer
+from .data import IGNORE_INDEX, Example, prepare_examples
 from .errors import ConfigError, TargetError
 from .fisher import FisherStatistics
 from .plan import PeakMemory, plan_slices
@@ -36,7 +36,7 @@ from .solve import solve_local, solve_sharded
 from .statistics import StatisticsPass, reduce_over_ranks, run_pass
 from .statistics.statistics_pass import LossFn
 from .targets import find_target_modules, linear_shape
-from .validate import check_examples_fit, check_model_loaded
+from .validate import check_examples_fit, check_model_loaded, check_not_compiled
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,10 +161,13 @@ class PreparedRun:
         return dict(self._parts)
 
 
-def _check_num_examples(num_examples) -> None:
-    if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
-                                     or num_examples < 1):
+def _check_num_examples(num_examples) -> Optional[int]:
+    """``num_examples`` as a Python int (any integer type, numpy's too), or ``None``."""
+    if num_examples is None:
+        return None
+    if not is_integer(num_examples) or num_examples < 1:
         raise ConfigError(f"num_examples must be a positive integer or None, got {num_examples!r}")
+    return int(num_examples)
 
 
 def _check_settings(model: nn.Module, cfg: LoraDAConfig, ranks: Optional[Mapping[str, int]],
@@ -172,6 +175,7 @@ def _check_settings(model: nn.Module, cfg: LoraDAConfig, ranks: Optional[Mapping
     """The targets and their ranks, and the settings of the solve checked against the modules' shapes."""
     if not isinstance(cfg, LoraDAConfig):
         raise ConfigError("cfg must be a LoraDAConfig")
+    check_not_compiled(model)  # before its names (`_orig_mod.` ...) are matched
     targets = find_target_modules(model, cfg.target_modules)
     per_module = cfg.module_ranks(list(targets), ranks)
     if solve:
@@ -183,16 +187,20 @@ def prepare_run(model: nn.Module, examples: Iterable, cfg: LoraDAConfig, *, num_
                 ranks: Optional[Mapping[str, int]] = None, loss_fn: Optional[LossFn] = None, solve: bool = True,
                 describe: Optional[Callable[[int], str]] = None) -> PreparedRun:
     """Every check of a run, before any forward: the settings (targets, ``ranks``, and with ``solve`` the
-    rank bound and ``population_size``), the model (weights loaded) and the examples (token ids inside the
-    embedding, lengths within learned positions; ``describe(i)`` names example ``i``), then the examples
-    sorted and batched and the memory plan. Arguments as :func:`run_lora_da`."""
-    _check_num_examples(num_examples)
+    rank bound and ``population_size``), the model (not compiled, weights loaded) and the examples (token
+    ids inside the embedding, lengths within learned positions, and without ``loss_fn`` per-token labels
+    inside the vocabulary or -100; ``describe(i)`` names example ``i``), then the examples sorted and
+    batched and the memory plan. Arguments as :func:`run_lora_da`."""
+    num_examples = _check_num_examples(num_examples)
     targets, per_module = _check_settings(model, cfg, ranks, solve)
     exs, skipped = prepare_examples(examples, cfg.sort_by_length, num_examples)
     check_model_loaded(model)
     name = describe or (lambda i: f"example {i}")
     order = sorted(range(len(exs)), key=lambda k: exs[k].index)  # the first bad example in the user's order
-    check_examples_fit(model, [exs[k].input_ids for k in order], where=lambda j: name(exs[order[j]].index))
+    # labels are checked for the built-in causal-LM loss only: a loss_fn gives them its own meaning
+    labels = [exs[k].labels for k in order] if loss_fn is None else None
+    check_examples_fit(model, [exs[k].input_ids for k in order], where=lambda j: name(exs[order[j]].index),
+                       labels=labels, ignore_index=IGNORE_INDEX)
     slices, plan = plan_slices(targets, cfg, model, exs)
     return PreparedRun(model, cfg, targets, per_module, exs, skipped, slices, plan, loss_fn)
 
@@ -351,7 +359,8 @@ def run_lora_da(model: nn.Module, examples: Optional[Iterable], cfg: LoraDAConfi
 
     Args:
         model: a Hugging Face model (or any module whose forward takes ``input_ids``, ``attention_mask``
-            and returns logits); its parameters, flags and modes are restored on exit.
+            and returns logits), not compiled by ``torch.compile``; its parameters, flags and modes are
+            restored on exit.
         examples: dicts with ``input_ids`` (and optionally ``attention_mask``, ``labels``), 1-D or 2-D,
             or a ``DataLoader`` of either. Ignored when ``stats`` is given.
         cfg: the :class:`LoraDAConfig`; ``cfg.target_modules`` selects the modules and

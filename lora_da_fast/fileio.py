@@ -1,8 +1,9 @@
 """Atomic file writes, the temporary folders they go through, JSON helpers, and disk errors in words.
 
-Every file the library writes (statistics, checkpoints, reports) is written by :func:`write_atomic`:
-into a temporary folder next to the target, flushed to disk, renamed over the target. A file is
-either its previous content or complete, even after a crash, Ctrl-C or a full disk.
+Every file the library writes (statistics, checkpoints) is written by :func:`write_atomic`: into a
+temporary folder next to the target, flushed to disk, renamed over the target. A file is either its
+previous content or complete, even after a crash, Ctrl-C or a full disk. (The CLI's adapter and its
+report go through such a folder too, claimed as a whole: :mod:`lora_da_fast.cli.output`.)
 
 Temporaries. Every temporary the library creates is a hidden folder ``.NAME.lora-da-tmp-TOKEN`` (TOKEN
 random, made by :func:`make_temp_dir`) holding a marker file :data:`OWNER_FILE` that records TOKEN, the
@@ -81,6 +82,22 @@ def write_error(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def unreadable(path: str) -> Optional[str]:
+    """Why the existing file ``path`` cannot be opened for reading, in words (``"permission denied"``), or
+    ``None`` when it can or does not exist (the caller names a missing file in its own words). A reader
+    that swallows ``OSError`` (e.g. a header sniffer) would otherwise call such a file "not ours"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO: no wait for a writer
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return (exc.strerror or type(exc).__name__).lower()
+    os.close(fd)
+    return None
+
+
 def write_failure(what: str, path: str, exc: BaseException) -> ConfigError:
     """The :class:`ConfigError` for a failed write of ``what`` (e.g. "the statistics file") to ``path``:
     names the path, and says to free space when the disk is full, over quota or read-only."""
@@ -151,7 +168,18 @@ def make_temp_dir(target: str, **extra) -> str:
 
 
 def remove_temp_dir(path: str) -> None:
-    """Remove a temporary folder this process created (errors ignored)."""
+    """Remove a temporary folder this process created, its owner marker last: a process killed meanwhile
+    (SIGKILL) leaves a folder that still carries its marker, which the next run recognises and removes
+    (errors ignored)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path):
+            if name != OWNER_FILE:
+                p = os.path.join(path, name)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(p)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -232,11 +260,3 @@ def dump_json(obj, f) -> None:
     """``obj`` as indented strict JSON (see :func:`json_safe`) and a newline."""
     json.dump(json_safe(obj), f, indent=1, allow_nan=False)
     f.write("\n")
-
-
-def write_json_atomic(path: str, obj, what: str = "the file") -> None:
-    """``obj`` as strict JSON in ``path``, atomically."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            dump_json(obj, f)
-    write_atomic(path, write, what)

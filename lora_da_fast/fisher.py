@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import DataError, NumericalError
-from .fileio import write_atomic
+from .fileio import unreadable, write_atomic
 from .tokens import TokenStatistics
 from .triangle import pack_symmetric, packed_dim, unpack_symmetric
 
@@ -176,6 +176,9 @@ class FisherStatistics:
         do not hold."""
         if not os.path.isfile(path):
             raise DataError(f"statistics file not found: {path}")
+        why = unreadable(path)
+        if why:  # not "not a statistics file": the header could not be read at all
+            raise DataError(f"{path}: cannot read: {why}")
         if not is_statistics_file(path):
             raise DataError(f"{path} is not a lora_da_fast statistics file")
         try:

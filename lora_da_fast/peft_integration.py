@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -28,11 +28,12 @@ from torch import nn
 from .config import LoraDAConfig
 from .engine import run_lora_da, select_statistics
 from .errors import ConfigError, TargetError
+from .fileio import signals_held
 from .fisher import FisherStatistics, ModuleStatistics
 from .results import LoraDAResult, LoraFactors
 from .statistics.statistics_pass import LossFn
 from .targets import check_lora_config, lora_target_names
-from .validate import check_not_wrapped
+from .validate import check_not_compiled, check_not_wrapped
 
 _DEFAULT_TARGETS = LoraDAConfig.__dataclass_fields__["target_modules"].default
 
@@ -65,16 +66,10 @@ def lora_layers(peft_model: nn.Module, adapter_name: str = "default") -> Dict[st
             if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {})}
 
 
-@torch.no_grad()
-def apply_lora_da(peft_model: nn.Module, factors: Dict[str, LoraFactors], adapter_name: str = "default",
-                  subtract_init: bool = False) -> None:
-    """Copy ``factors`` (``lora_A`` ``r x d_in``, ``lora_B`` ``d_out x r``) into the adapter's LoRA layers,
-    cast to each parameter's device and dtype. Every LoRA layer of the adapter must have factors.
-
-    ``subtract_init=True``: ``W0 -= scaling * lora_B @ lora_A`` in every adapted layer (transposed for
-    Conv1D, whose weight is ``d_in x d_out``), computed in fp32 and rounded once to the weight's dtype,
-    so that the initial adapted model equals the base model.
-    """
+def _checked_layers(peft_model: nn.Module, factors: Dict[str, LoraFactors], adapter_name: str,
+                    subtract_init: bool) -> Dict[str, nn.Module]:
+    """The adapter's LoRA layers, each with factors of its shapes (and, for ``subtract_init``, a
+    floating-point base weight): every check of :func:`apply_lora_da`, before its first write."""
     layers = lora_layers(peft_model, adapter_name)
     if not layers:
         raise TargetError(f"the model has no LoRA layer for adapter {adapter_name!r}")
@@ -91,17 +86,130 @@ def apply_lora_da(peft_model: nn.Module, factors: Dict[str, LoraFactors], adapte
         if tuple(A.shape) != tuple(f.lora_A.shape) or tuple(B.shape) != tuple(f.lora_B.shape):
             raise TargetError(f"{name}: LoRA shapes A{tuple(A.shape)} B{tuple(B.shape)} but factors "
                               f"A{tuple(f.lora_A.shape)} B{tuple(f.lora_B.shape)} (different rank?)")
-        A.copy_(f.lora_A.to(device=A.device, dtype=A.dtype))
-        B.copy_(f.lora_B.to(device=B.device, dtype=B.dtype))
+        if subtract_init and not layer.get_base_layer().weight.dtype.is_floating_point:
+            raise ConfigError(f"subtract_init needs a floating-point base weight; {name} is "
+                              f"{layer.get_base_layer().weight.dtype}")
+    return layers
+
+
+def _planned_writes(peft_model: nn.Module, factors: Dict[str, LoraFactors], adapter_name: str,
+                    subtract_init: bool) -> Callable[[], None]:
+    """Every check, cast and allocation of :func:`apply_lora_da`; returns its writes, which allocate
+    nothing (the LoRA weights as they were are kept to be put back if a write fails; ``subtract_init``
+    works in two fp32 buffers per device, of the largest weight's size)."""
+    layers = _checked_layers(peft_model, factors, adapter_name, subtract_init)
+    lora: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    base = []
+    size: Dict[torch.device, int] = {}
+    for name, layer in layers.items():
+        f = factors[name]
+        A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        lora += [(A, f.lora_A.to(device=A.device, dtype=A.dtype)), (B, f.lora_B.to(device=B.device, dtype=B.dtype))]
         if subtract_init:
             W = layer.get_base_layer().weight
-            if not W.dtype.is_floating_point:
-                raise ConfigError(f"subtract_init needs a floating-point base weight; {name} is {W.dtype}")
-            delta = layer.scaling[adapter_name] * (f.lora_B.to(W.device, torch.float32)
-                                                  @ f.lora_A.to(W.device, torch.float32))
-            if getattr(layer, "fan_in_fan_out", False):
-                delta = delta.T
-            W.copy_((W.to(torch.float32) - delta).to(W.dtype))
+            base.append((W, layer.scaling[adapter_name], f.lora_B.to(W.device, torch.float32),
+                         f.lora_A.to(W.device, torch.float32), bool(getattr(layer, "fan_in_fan_out", False))))
+            size[W.device] = max(size.get(W.device, 0), W.numel())
+    before = [p.detach().clone() for p, _ in lora]
+    scratch = {dev: (torch.empty(n, dtype=torch.float32, device=dev), torch.empty(n, dtype=torch.float32, device=dev))
+               for dev, n in size.items()}
+
+    @torch.no_grad()
+    def write() -> None:
+        try:
+            for param, value in lora:
+                param.copy_(value)
+        except BaseException:
+            for (param, _), old in zip(lora, before):
+                param.copy_(old)
+            raise
+        for W, scaling, B, A, transposed in base:  # W0 -= scaling * B @ A, in fp32, rounded once
+            delta_buf, w_buf = scratch[W.device]
+            delta = delta_buf[:W.numel()].view(B.shape[0], A.shape[1])
+            torch.mm(B, A, out=delta).mul_(scaling)
+            w = w_buf[:W.numel()].view(W.shape)
+            w.copy_(W).sub_(delta.T if transposed else delta)
+            W.copy_(w)
+
+    return write
+
+
+def apply_lora_da(peft_model: nn.Module, factors: Dict[str, LoraFactors], adapter_name: str = "default",
+                  subtract_init: bool = False) -> None:
+    """Copy ``factors`` (``lora_A`` ``r x d_in``, ``lora_B`` ``d_out x r``) into the adapter's LoRA layers,
+    cast to each parameter's device and dtype. Every LoRA layer of the adapter must have factors.
+
+    ``subtract_init=True``: ``W0 -= scaling * lora_B @ lora_A`` in every adapted layer (transposed for
+    Conv1D, whose weight is ``d_in x d_out``), computed in fp32 and rounded once to the weight's dtype,
+    so that the initial adapted model equals the base model.
+
+    All or nothing: every check, cast and allocation comes before the first write, and the writes hold
+    Ctrl-C and SIGTERM (delivered once they are done), so that a failure leaves the model unchanged.
+    """
+    write = _planned_writes(peft_model, factors, adapter_name, subtract_init)
+    with signals_held():
+        write()
+
+
+# --------------------------------------------------------------------------------------------------
+# A door that fails leaves the model as found
+
+
+def _contents(value):
+    return dict(value) if isinstance(value, dict) else set(value)
+
+
+class _ModelState:
+    """What a door may change in a model, kept so that a failure can put it back exactly: every module's
+    attributes (children, parameters, buffers, hooks, ``training``; PEFT swaps children for LoRA layers,
+    adds a ``peft_config`` and, for gradient checkpointing, an input hook), every parameter's
+    ``requires_grad``, ``.grad`` and data (dtype, device; PEFT freezes the base), and the attributes of
+    the model's config (PEFT sets ``pretraining_tp``). References only: no weight is copied."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = [(m, dict(vars(m)), {k: _contents(v) for k, v in vars(m).items() if isinstance(v, (dict, set))})
+                        for m in model.modules()]
+        self.params = [(p, p.requires_grad, p.grad, p.data) for p in model.parameters()]
+        config = getattr(model, "config", None)
+        self.config = (config, dict(vars(config))) if hasattr(config, "__dict__") else None
+
+    def restore(self) -> None:
+        for m, attrs, contents in self.modules:
+            for k in set(vars(m)) - set(attrs):
+                del vars(m)[k]
+            vars(m).update(attrs)
+            for k, items in contents.items():  # in place: hook handles and PEFT hold these containers
+                attrs[k].clear()
+                attrs[k].update(items)
+        for p, flag, grad, data in self.params:
+            if (p.data_ptr(), p.dtype, p.device) != (data.data_ptr(), data.dtype, data.device):
+                p.data = data
+            p.grad = grad
+            p.requires_grad_(flag)
+        if self.config is not None:
+            config, attrs = self.config
+            for k in set(vars(config)) - set(attrs):
+                del vars(config)[k]
+            vars(config).update(attrs)
+
+
+def _all_or_nothing(model: nn.Module, compute: Callable[[], object], apply: Callable[[object], object]):
+    """``apply(compute())``, with ``model`` left exactly as found if either raises (:class:`_ModelState`):
+    the pass, the solve, ``get_peft_model``, the writes, Ctrl-C. ``apply`` holds Ctrl-C and SIGTERM: one
+    arriving during it is delivered once the model is complete (``subtract_init``'s rewritten base weights
+    could not be put back)."""
+    state = _ModelState(model)
+    try:
+        got = compute()
+    except BaseException:
+        state.restore()
+        raise
+    with signals_held():
+        try:
+            return apply(got)
+        except BaseException:
+            state.restore()
+            raise
 
 
 def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_da_config: Optional[LoraDAConfig] = None,
@@ -109,7 +217,10 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
                        stats: Optional[FisherStatistics] = None, loss_fn: Optional[LossFn] = None):
     """Wrap ``model`` with PEFT (as ``peft.get_peft_model`` does) and initialise the ``"default"`` adapter
     with LoRA-DA factors: :func:`get_lora_da_state_dict`, then ``get_peft_model``, then
-    :func:`apply_lora_da`. Returns the ``peft.PeftModel``, ready for ``transformers.Trainer``.
+    :func:`apply_lora_da`. Returns the ``peft.PeftModel``, ready for ``transformers.Trainer``. A call that
+    fails or is interrupted leaves ``model`` exactly as found (Ctrl-C during the final writes, a moment,
+    lets them finish: the model is then complete); a compiled model is refused (initialise first, then
+    ``torch.compile(peft_model)``, PEFT's order).
 
     Args:
         model: a transformers model (``nn.Linear`` or ``Conv1D`` targets); it is wrapped in place.
@@ -148,15 +259,18 @@ def initialize_lora_da(model: nn.Module, examples: Iterable, lora_config, lora_d
     """
     check_lora_config(lora_config)
     check_not_wrapped(model)  # wrapping it again would reset the adapter of the PeftModel sharing its modules
-    factors = get_lora_da_state_dict(model, examples, lora_da_config, lora_config=lora_config, stats=stats,
-                                     loss_fn=loss_fn, progress=progress)
-    peft_model = get_peft_model(model, lora_config)
-    try:
+
+    def compute():
+        factors = get_lora_da_state_dict(model, examples, lora_da_config, lora_config=lora_config, stats=stats,
+                                         loss_fn=loss_fn, progress=progress)
+        return factors, get_peft_model(model, lora_config)
+
+    def apply(got):
+        factors, peft_model = got
         apply_lora_da(peft_model, factors, "default", subtract_init=subtract_init)
-    except BaseException:
-        peft_model.unload()  # the LoRA layers out again: the model is left as it was given
-        raise
-    return peft_model
+        return peft_model
+
+    return _all_or_nothing(model, compute, apply)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,6 +282,7 @@ def _adapter_plan(model: nn.Module, lora_config, adapter_name: str):
     """``(root, lora_config, {name: (name of the module holding W0 in root, rank)})`` for a ``PeftModel``
     (its LoRA layers of ``adapter_name``) or a plain model and the ``LoraConfig`` it will be wrapped with
     (the modules PEFT will wrap, ranks from ``rank_pattern`` as PEFT resolves them)."""
+    check_not_compiled(model)  # before its names (`_orig_mod.` ...) are matched
     if isinstance(model, PeftModel):
         if lora_config is not None:
             raise ConfigError("lora_config is read from the PeftModel (peft_config[adapter_name]): leave it None")
@@ -274,7 +389,9 @@ def initialize_lora_da_weights(peft_model: nn.Module, examples: Optional[Iterabl
     """Initialise the LoRA weights of adapter ``adapter_name`` of a ``PeftModel`` the user made with
     ``get_peft_model``, in place, with LoRA-DA factors: computed from ``examples`` (or ``stats``) by
     :func:`get_lora_da_state_dict`, or given (``lora_da_state_dict``, e.g. computed earlier on the plain
-    model). Returns the factors. The counterpart of PEFT's ``initialize_lora_eva_weights``.
+    model). Returns the factors. The counterpart of PEFT's ``initialize_lora_eva_weights``. A call that
+    fails or is interrupted leaves ``peft_model`` exactly as found, LoRA weights included (as
+    :func:`initialize_lora_da`).
 
     ``subtract_init`` as in :func:`initialize_lora_da`. The LoRA parameters are written in place
     (``copy_``), so an optimizer or a ``transformers.Trainer`` built around the model already keeps
@@ -291,15 +408,21 @@ def initialize_lora_da_weights(peft_model: nn.Module, examples: Optional[Iterabl
     ``num_examples=256`` (its padded batches are split into examples; a classification collator's
     ``labels`` of one class per example need a ``loss_fn``).
     """
+    check_not_compiled(peft_model)
     if not isinstance(peft_model, PeftModel):
         raise ConfigError("initialize_lora_da_weights needs a peft.PeftModel (made with get_peft_model); for a plain "
                           "model use initialize_lora_da, which wraps it")
-    if lora_da_state_dict is not None:
-        if examples is not None or stats is not None:
-            raise ConfigError("give either lora_da_state_dict or examples/stats, not both")
-        factors = _as_factors(lora_da_state_dict)
-    else:
-        factors = get_lora_da_state_dict(peft_model, examples, lora_da_config, adapter_name=adapter_name,
-                                         loss_fn=loss_fn, stats=stats, num_examples=num_examples, progress=progress)
-    apply_lora_da(peft_model, factors, adapter_name, subtract_init=subtract_init)
-    return factors
+    if lora_da_state_dict is not None and (examples is not None or stats is not None):
+        raise ConfigError("give either lora_da_state_dict or examples/stats, not both")
+
+    def compute():
+        if lora_da_state_dict is not None:
+            return _as_factors(lora_da_state_dict)
+        return get_lora_da_state_dict(peft_model, examples, lora_da_config, adapter_name=adapter_name,
+                                      loss_fn=loss_fn, stats=stats, num_examples=num_examples, progress=progress)
+
+    def apply(factors):
+        apply_lora_da(peft_model, factors, adapter_name, subtract_init=subtract_init)
+        return factors
+
+    return _all_or_nothing(peft_model, compute, apply)

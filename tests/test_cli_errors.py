@@ -138,7 +138,7 @@ def _bad_cases(tmp, data):
                                    "is inside --out"),
         "data inside out": (args(tmp / "with_data" / "calib.jsonl", tmp / "with_data", "--overwrite"),
                             f"--data {tmp / 'with_data' / 'calib.jsonl'} is inside --out {tmp / 'with_data'}: the "
-                            "adapter folder is replaced as a whole at the end, which would delete it"),
+                            "run's inputs may not live in the folder it writes the adapter to"),
         "model inside out": (["init", "--model", tmp / "exists" / "model", "--data", d, "--out", tmp / "exists",
                               "--overwrite"], "is inside --out"),
         "checkpoint every zero": (args(d, never, "--checkpoint-every", "0"), "--checkpoint-every"),
@@ -191,7 +191,7 @@ def test_unreadable_and_unwritable_paths(cache, data, tmp_path, capsys, monkeypa
     denied.clear()
     denied.add(str(model / "config.json"))
     rc, _, err = run(["init", "--model", model, "--data", data, "--out", tmp_path / "o", "--quiet"], capsys)
-    assert_user_error(rc, err, "config.json (permission denied)")
+    assert_user_error(rc, err, "config.json: permission denied")
     denied.clear()
     (tmp_path / "ro").mkdir()
     denied.add(str(tmp_path / "ro"))

@@ -4,7 +4,8 @@
 LoRA-DA engine (statistics pass, solve) and writes a standard PEFT adapter (``adapter_config.json``,
 ``adapter_model.safetensors``) plus ``lora_da_report.json`` into ``DIR``. The folder is written under a
 temporary name next to ``DIR`` and renamed at the end, so ``DIR`` is either the previous content or the
-complete new adapter.
+complete new adapter; ``--overwrite`` replaces only an adapter's files and keeps everything else in ``DIR``
+(:mod:`.output`).
 
 With ``--stats-cache FILE`` the statistics pass checkpoints into ``FILE.partial`` every
 ``--checkpoint-every`` examples; after Ctrl-C or a crash, rerunning the same command resumes from it
@@ -15,9 +16,13 @@ Exit status: 0 success; 2 bad input or environment (one line ``lora-da-fast: err
 traceback; every :class:`LoraDAError` is such an error, and so is a full disk, a quota or a read-only file
 system, whatever library raised it); 1 a failure that is not the input's fault: out of memory (one line
 saying what to lower) or an internal error (one line pointing to a file with the traceback); 130
-interrupted (Ctrl-C), 143 terminated (SIGTERM). Once the adapter is complete, a broken stdout (``| head``,
+interrupted (Ctrl-C), 143 terminated (SIGTERM), and no adapter was written (the previous ``DIR``, if any,
+is as it was). An interrupt that arrives once the adapter is in place (it is held while the adapter is
+renamed into place) comes too late to stop anything: one line says so, and the run ends as a success
+(exit 0: ``DIR`` is the complete new adapter). Once the adapter is complete, a broken stdout (``| head``,
 a closed stream, ``/dev/full``) gives exit 0 (a reader that stopped) or one line and exit 2, never a
-traceback.
+traceback. The console script and ``python -m lora_da_fast`` enter through :mod:`lora_da_fast.__main__`,
+which handles an interrupt during the imports.
 
 The package: :mod:`.args` (the parser), :mod:`.init` (the command), :mod:`.builtins` (the built-in models
 and data sets, loading of a model folder or a JSONL file), :mod:`.output` (the output folder),
@@ -91,6 +96,8 @@ def _explain(exc: LoraDAError, args, state: RunState) -> str:
                 msg += f" [{where(idx, state.data_lines)}]"
         if "Cholesky" in msg:
             msg += "; raise --max-damping or --damping"
+        from ..statistics.statistics_pass import HALF_PRECISION_ADVICE  # loaded by the run that raised this
+        msg = msg.replace(HALF_PRECISION_ADVICE, _DTYPE_ADVICE)  # the API's words, the CLI's option
         if _DTYPE_ADVICE in msg and state.dtype == "float32":  # the advice is what the run already did
             msg = msg.replace(_DTYPE_ADVICE, "the model already runs in float32: check its weights and these examples")
         msg = re.sub(r"likely cause: (beta|gamma) = ", r"likely cause: --\1 ", msg)
@@ -211,6 +218,21 @@ def _crash_report(exc: BaseException, argv: List[str]) -> Optional[str]:
     return path
 
 
+def _too_late(exc: KeyboardInterrupt, state: RunState) -> None:
+    """An interrupt once the adapter is in place: nothing is undone; say so (the run exits 0)."""
+    what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+    _err(f"{PROG}: {what} after the adapter was complete: {state.adapter} holds the new adapter (exit status 0)")
+
+
+def _finish(report: dict, args, state: RunState) -> int:
+    """The summary or ``--json`` report of a complete adapter; an interrupt meanwhile changes nothing on disk."""
+    try:
+        return _emit(report, args)
+    except KeyboardInterrupt as exc:
+        _too_late(exc, state)
+        return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -232,12 +254,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:  # SIGTERM stays ours until the summary is out: an adapter in place is never reported as missing
+        report = _run(args, argv, state, tag)
+        if isinstance(report, int):
+            return report
+        return _finish(report, args, state) if main_rank else 0
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _run(args, argv: List[str], state: RunState, tag: str):
+    """:func:`run_init`: the report, or the exit status of a failure (its one line printed)."""
     try:
-        report = run_init(args, state)
+        return run_init(args, state)
     except LoraDAError as exc:
         _err(f"{PROG}: error{tag}: {_explain(exc, args, state)}")
         return 2
     except KeyboardInterrupt as exc:
+        if state.adapter is not None:  # delivered once the adapter was in place (held during the claim)
+            _too_late(exc, state)
+            return state.report
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
         _err(f"{PROG}: {what}; no adapter was written{_partial_hint(state)}")
         return 143 if isinstance(exc, _Terminated) else 130
@@ -264,12 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              f"it with that file){_partial_hint(state)}")
         return 1
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
         comm.shutdown()
-    if not main_rank:
-        return 0
-    return _emit(report, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..version import __version__
-from .builtins import BUILTIN_DATA, BUILTIN_MODELS
+from .builtins import BUILTIN_DATA, BUILTIN_MODELS, DATA_LIMIT_MB
 
 PROG = "lora-da-fast"
 
@@ -72,13 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--model", required=True, metavar="M",
                     help="a local Hugging Face model folder, or a built-in name: "
                          + "; ".join(f"{k} ({v})" for k, v in BUILTIN_MODELS.items()))
+    io.add_argument("--trust-remote-code", action="store_true",
+                    help="run the Python code a --model folder names in its config (auto_map); without it such a "
+                         "folder is refused (never a prompt)")
     io.add_argument("--data", required=True, metavar="D",
                     help='a JSONL file with one {"text": ...} or {"prompt": ..., "response": ...} object per '
                          "line (prompt tokens are left out of the loss), or a built-in name: "
                          + "; ".join(f"{k} ({v})" for k, v in BUILTIN_DATA.items()))
+    io.add_argument("--max-data-mb", type=_positive_int, default=DATA_LIMIT_MB, metavar="MB",
+                    help="read at most MB MiB of a --data file: a larger file, or an endless stream, is refused "
+                         "(default: %(default)s)")
     io.add_argument("--out", required=True, metavar="DIR",
                     help="output folder: adapter_config.json, adapter_model.safetensors, lora_da_report.json")
-    io.add_argument("--overwrite", action="store_true", help="replace --out if it exists (an adapter folder)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace the adapter in --out if it exists (its adapter_config.json, "
+                         "adapter_model.safetensors/.bin and lora_da_report.json; every other file there is kept)")
     io.add_argument("--stats-cache", metavar="FILE",
                     help="statistics file: if FILE exists and was made from the same model, data and settings, "
                          "load it and skip the data pass (rerun the solve with other --rank, --beta, --gamma, "

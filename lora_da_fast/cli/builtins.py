@@ -158,8 +158,8 @@ def _build_smollm2(tmp: str, gguf_path: str) -> None:
         raise ConfigError(f"converting smollm2-135m needs the gguf package: pip install gguf")
 
     folder, fname = os.path.split(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32, trust_remote_code=False)
     # Rebuild from the config without the GGUF quantisation entry: the saved folder is then an ordinary
     # fp32 checkpoint that loads fast and that PEFT treats as a normal (unquantised) model.
     config = loaded.config
@@ -215,19 +215,53 @@ def tiny_llama_folder(log=None) -> str:
     return _materialise("tiny-llama", f"v{_BUILD_VERSION}.{_TINY_VERSION}", _build_tiny_llama, log)
 
 
-def resolve_model(spec: str, log=None) -> Tuple[str, bool]:
+def resolve_model(spec: str, log=None, trust_remote_code: bool = False) -> Tuple[str, bool]:
     """``(folder, is_builtin)`` for a built-in name or a local Hugging Face model folder."""
     if spec == "smollm2-135m":
         return smollm2_folder(log), True
     if spec == "tiny-llama":
         return tiny_llama_folder(log), True
-    check_model_folder(spec)
+    check_model_folder(spec, trust_remote_code)
     return os.path.abspath(spec), False
 
 
-def check_model_folder(spec: str) -> None:
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")  # where transformers finds a folder's own code
+
+
+def custom_code(folder: str) -> List[str]:
+    """The files of ``folder`` (of :data:`REMOTE_CODE_FILES`) whose ``auto_map`` names Python code in the
+    folder, which transformers would run (and, unless told, ask about on stdin)."""
+    found = []
+    for name in REMOTE_CODE_FILES:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                obj = json.load(f)
+        except (OSError, ValueError):  # missing or broken: transformers says so when it loads the folder
+            continue
+        if isinstance(obj, dict) and obj.get("auto_map"):
+            found.append(name)
+    return found
+
+
+def _known_model_type(config_path: str) -> bool:
+    """Whether the folder's ``model_type`` is one transformers implements itself: it then loads the folder
+    with its own classes when ``trust_remote_code`` is False (the folder's code is neither run nor asked
+    about), as for Phi-3 or Qwen2 folders that still carry an ``auto_map`` from before."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        with open(config_path, "rb") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def check_model_folder(spec: str, trust_remote_code: bool = False) -> None:
     """Cheap checks of a ``--model`` that is not a built-in name (before any data is read): a readable
-    folder with a readable ``config.json``. Raises :class:`ConfigError`."""
+    folder with a ``config.json``, every file in it readable, and no custom code (``auto_map`` with a
+    ``model_type`` transformers does not implement itself) unless ``trust_remote_code``. Raises
+    :class:`ConfigError`.""" 
     if spec in BUILTIN_MODELS:
         return
     if os.path.isdir(spec):
@@ -236,8 +270,15 @@ def check_model_folder(spec: str) -> None:
         config = os.path.join(spec, "config.json")
         if not os.path.isfile(config):
             raise ConfigError(f"--model {spec}: the folder has no config.json (not a Hugging Face model folder)")
-        if not os.access(config, os.R_OK):
-            raise ConfigError(f"--model {spec}: cannot read {config} (permission denied)")
+        for name in sorted(os.listdir(spec)):  # transformers calls an unreadable weights file "No such file"
+            path = os.path.join(spec, name)
+            if os.path.isfile(path) and not os.access(path, os.R_OK):
+                raise ConfigError(f"--model {spec}: cannot read {path}: permission denied")
+        code = custom_code(spec)
+        if code and not trust_remote_code and not _known_model_type(config):
+            raise ConfigError(f"--model {spec} holds custom code (auto_map in {' and '.join(code)}): the command "
+                              "line runs no code from a model folder unless you add --trust-remote-code (only "
+                              "for a folder you trust)")
         return
     if os.path.exists(spec):
         raise ConfigError(f"--model {spec}: not a folder (give a Hugging Face model folder or a built-in name)")
@@ -269,15 +310,17 @@ def resolve_dtype(dtype: str, device: torch.device):
     return DTYPES[dtype]
 
 
-def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None, device_map=None):
+def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None, device_map=None,
+               trust_remote_code: bool = False):
     """``(model, tokenizer, folder)``: a causal LM in eval mode on ``device``, and its tokenizer.
     ``log`` (optional) is called with a line of text before a slow one-time build. ``device_map="auto"``
-    splits the model over this process's GPUs (accelerate; under torchrun, over the rank's share)."""
+    splits the model over this process's GPUs (accelerate; under torchrun, over the rank's share).
+    ``trust_remote_code`` is passed to transformers explicitly: left unset, it would ask on stdin."""
     dev = resolve_device(device)
-    folder, _ = resolve_model(spec, log)
+    folder, _ = resolve_model(spec, log, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a folder it cannot read
         raise ConfigError(f"--model {spec}: cannot load a tokenizer from {folder} ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -287,7 +330,8 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", log=None, d
             raise ConfigError("--device-map auto needs the accelerate package: pip install accelerate")
         kwargs = {"device_map": device_map, "max_memory": comm.max_memory_for_rank()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **kwargs)
     except Exception as exc:
         raise ConfigError(f"--model {spec}: cannot load a causal language model from {folder} "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -338,11 +382,36 @@ def _json_type(v) -> str:
             float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
 
 
-def read_jsonl_lines(path: str) -> Tuple[List[Dict[str, str]], List[int]]:
-    """:func:`read_jsonl` and the line number (from 1) of each record."""
+DATA_LIMIT_MB = 1024  # --max-data-mb: the most of a --data file read (an endless stream fails at this size)
+_CHUNK = 2 ** 20
+
+
+def _read_bounded(path: str, limit_mb: int) -> bytes:
+    """The bytes of ``path``, read in chunks up to ``limit_mb`` MiB: a device or pipe that never ends
+    (``/dev/zero``, ``<(yes ...)``) fails at the limit, or at once on its first NUL byte, which UTF-8 JSONL
+    never holds raw (a binary file, UTF-16, ``/dev/zero``)."""
+    limit = limit_mb * 2 ** 20
+    raw = bytearray()
+    with open(path, "rb") as f:
+        while len(raw) <= limit:
+            chunk = f.read(min(_CHUNK, limit + 1 - len(raw)))
+            if not chunk:
+                return bytes(raw)
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                at = len(raw) + nul
+                line = raw.count(b"\n") + chunk.count(b"\n", 0, nul) + 1
+                raise DataError(f"--data {path}, line {line}: not UTF-8 text (a NUL byte at byte {at}: a binary "
+                                "file, UTF-16, or a device such as /dev/zero); JSONL files are UTF-8")
+            raw += chunk
+    raise DataError(f"--data {path} holds more than {limit_mb} MiB (the --max-data-mb limit; or it is an endless "
+                    "stream): give a smaller file, or raise --max-data-mb")
+
+
+def read_jsonl_lines(path: str, limit_mb: int = DATA_LIMIT_MB) -> Tuple[List[Dict[str, str]], List[int]]:
+    """:func:`read_jsonl` and the line number (from 1) of each record; at most ``limit_mb`` MiB are read."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = _read_bounded(path, limit_mb)
     except FileNotFoundError:
         raise DataError(f"--data {path}: no such file") from None
     except IsADirectoryError:
@@ -402,8 +471,10 @@ def load_data(spec: str, gsm_size: int = GSM_SYMBOLIC_SIZE) -> List[Dict[str, st
     return load_records(spec, gsm_size)[0]
 
 
-def load_records(spec: str, gsm_size: int = GSM_SYMBOLIC_SIZE) -> Tuple[List[Dict[str, str]], Optional[List[int]]]:
-    """``(records, line numbers)`` of a built-in data set (no line numbers: ``None``) or a JSONL file."""
+def load_records(spec: str, gsm_size: int = GSM_SYMBOLIC_SIZE, limit_mb: int = DATA_LIMIT_MB
+                 ) -> Tuple[List[Dict[str, str]], Optional[List[int]]]:
+    """``(records, line numbers)`` of a built-in data set (no line numbers: ``None``) or a JSONL file (at
+    most ``limit_mb`` MiB read)."""
     if spec == "rotten-tomatoes":
         return rotten_tomatoes(), None
     if spec == "gsm-symbolic":
@@ -414,7 +485,7 @@ def load_records(spec: str, gsm_size: int = GSM_SYMBOLIC_SIZE) -> Tuple[List[Dic
     if not os.path.exists(spec) and not spec.endswith((".jsonl", ".json")) and os.sep not in spec:
         raise DataError(f"--data {spec!r}: no such file and not a built-in data set "
                         f"(built-in: {', '.join(BUILTIN_DATA)})")
-    return read_jsonl_lines(spec)
+    return read_jsonl_lines(spec, limit_mb)
 
 
 def records_to_examples(tokenizer, records: List[Dict[str, str]], max_length: int,

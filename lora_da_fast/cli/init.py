@@ -10,6 +10,7 @@ import sys
 import warnings
 from typing import List, Optional
 
+import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
@@ -20,15 +21,14 @@ from ..config import LoraDAConfig
 from ..data import IGNORE_INDEX
 from ..engine import RunOptions, execute, prepare_run, run_lora_da, select_statistics
 from ..errors import ConfigError, DataError, LoraDAError, TargetError
-from ..fileio import write_json_atomic
 from ..peft_integration import apply_lora_da, resolve_lora_da_config
 from ..targets import lora_target_names, parse_target_modules
 from ..version import __version__
 from .args import PROG
 from .builtins import check_model_folder, load_model, load_records, records_to_examples
-from .output import REPORT_FILE, check_out, remove_stale_temporaries, write_adapter
-from .report import Clock, peak_memory, scaling
-from .stats_cache import CACHE_PARTS, PARTIAL_SUFFIX, check_stats_cache, load_stats_cache
+from .output import check_out, other_entries, remove_stale_temporaries, write_adapter
+from .report import Clock, lora_scaling, peak_memory, scaling
+from .stats_cache import CACHE_PARTS, PARTIAL_SUFFIX, check_stats_cache, load_stats_cache, resolve_stats_cache
 
 
 class RunState:
@@ -39,6 +39,8 @@ class RunState:
         self.status: dict = {}  # the engine's: "checkpoint" (this rank's file), "examples" (this rank's)
         self.data_lines: Optional[List[int]] = None  # --data line of each calibration example
         self.dtype: Optional[str] = None  # the model's dtype once loaded ("float32", ...)
+        self.report: Optional[dict] = None  # the report, once complete
+        self.adapter: Optional[str] = None  # --out, once the complete adapter is there (set with interrupts held)
 
 
 def subsample_indices(total: int, n: int, seed: int = 0) -> List[int]:
@@ -100,6 +102,29 @@ def _inputs(args, stats_cache: Optional[str]) -> dict:
     return out
 
 
+def _check_scaling(args) -> None:
+    """PEFT multiplies the adapter's output by its scaling in the adapter's dtype (float32): beyond float32's
+    range every forward is inf, below its smallest normal number the adapter does nothing."""
+    s = lora_scaling(args.lora_alpha, args.rank, args.rslora)
+    f32 = torch.finfo(torch.float32)
+    if not f32.tiny <= s <= f32.max:
+        rule = "lora_alpha / sqrt(r)" if args.rslora else "lora_alpha / r"
+        raise ConfigError(f"--lora-alpha {args.lora_alpha:g} gives a LoRA scaling of {s:.3g} ({rule}), outside "
+                          f"float32's range ({f32.tiny:.3g} to {f32.max:.3g}): the adapter's output would be "
+                          f"{'inf' if s > f32.max else 'zero'}; use a --lora-alpha of the order of --rank")
+
+
+def _note_kept(out: str, say) -> None:
+    """With ``--overwrite``: name what ``--out`` holds besides an adapter (kept as it is)."""
+    try:
+        kept = other_entries(out) if os.path.isdir(out) else []
+    except OSError:
+        return
+    if kept:
+        say(f"note: --out {out} also holds {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}: kept as "
+            "they are (only the adapter's files are replaced)")
+
+
 def _check_device(device: str) -> None:
     """``--device meta`` (or another device that holds no data) is refused before any work."""
     kind = str(device).split(":")[0].strip().lower()
@@ -108,7 +133,7 @@ def _check_device(device: str) -> None:
 
 
 def run_init(args, state: Optional[RunState] = None) -> dict:
-    """The ``init`` command; returns the report (also written to ``DIR/lora_da_report.json``)."""
+    """The ``init`` command; returns the report (written once, with the adapter, to ``DIR/lora_da_report.json``)."""
     state = state if state is not None else RunState()
     clock = state.clock = Clock()
     show = not args.quiet and comm.is_main()  # under torchrun, rank 0 alone talks and writes
@@ -118,9 +143,11 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
 
     # Everything cheap is checked before loading data or a model.
     out = os.path.abspath(args.out)
-    stats_cache = os.path.abspath(args.stats_cache) if args.stats_cache else None
+    stats_cache = resolve_stats_cache(os.path.abspath(args.stats_cache)) if args.stats_cache else None
     _check_device(args.device)
     _check_out_everywhere(out, args.overwrite, _inputs(args, stats_cache))
+    if say and args.overwrite:
+        _note_kept(out, say)
     targets = parse_target_modules(args.target_modules)
     if args.max_length < 2:
         raise ConfigError("--max-length must be at least 2 (one token has no next-token target)")
@@ -129,10 +156,11 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
     if comm.is_main():
         remove_stale_temporaries(out, stats_cache, say)
     _lora_da_config(args, args.population_size)
-    check_model_folder(args.model)
+    _check_scaling(args)
+    check_model_folder(args.model, args.trust_remote_code)
 
     with clock.phase("load_data"):
-        records, lines = load_records(args.data)
+        records, lines = load_records(args.data, limit_mb=args.max_data_mb)
         keep = subsample_indices(len(records), args.num_samples)
         chosen = [records[i] for i in keep]
         state.data_lines = [lines[i] for i in keep] if lines is not None else None
@@ -147,7 +175,8 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
         if say:
             say(f"loading {args.model} ...")
         model, tokenizer, model_folder = load_model(args.model, args.dtype, args.device, log=say,
-                                                    device_map=args.device_map)
+                                                    device_map=args.device_map,
+                                                    trust_remote_code=args.trust_remote_code)
     device = next(model.parameters()).device
     state.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     try:
@@ -254,12 +283,16 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
         "modules": {name: dict(rep.to_dict(), rank=int(result[name].lora_A.shape[0]))
                     for name, rep in result.reports.items()},
     }
-    with clock.phase("save"):
-        write_adapter(peft_model, report, out, overwrite=args.overwrite)
-    # The save is timed after the rename: rewrite the report (atomically) with it. The adapter is complete
-    # already (its report lacks only this time): a failure here is not worth an error.
-    report["wall_time_s"] = clock.total()
-    with contextlib.suppress(LoraDAError):
-        write_json_atomic(os.path.join(out, REPORT_FILE), report, "the report")
+    stop_save = clock.begin("save")
+
+    def saved() -> None:  # the weights are written: the report, written next, closes with the save's time
+        stop_save()
+        report["wall_time_s"] = clock.total()
+        state.report = report
+
+    def claimed() -> None:  # with interrupts held: main's message after an interrupt tells the truth
+        state.adapter = out
+
+    write_adapter(peft_model, report, out, overwrite=args.overwrite, on_saved=saved, on_claimed=claimed)
     return report
 

@@ -13,10 +13,14 @@ import torch
 from .output import REPORT_FILE
 
 
-def scaling(lora_config) -> float:
+def lora_scaling(lora_alpha: float, r: int, rslora: bool = False) -> float:
     """PEFT's scaling of ``lora_B @ lora_A``: ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA."""
-    r = lora_config.r
-    return lora_config.lora_alpha / (math.sqrt(r) if lora_config.use_rslora else r)
+    return lora_alpha / (math.sqrt(r) if rslora else r)
+
+
+def scaling(lora_config) -> float:
+    """:func:`lora_scaling` of a ``LoraConfig``."""
+    return lora_scaling(lora_config.lora_alpha, lora_config.r, lora_config.use_rslora)
 
 
 class Clock:
@@ -30,13 +34,22 @@ class Clock:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        w, c = time.perf_counter(), time.process_time()
-        self.current = name
+        stop = self.begin(name)
         try:
             yield
         finally:
+            stop()
+
+    def begin(self, name: str):
+        """Time the phase ``name`` from now; returns the function that ends it (for a phase that ends inside
+        a callee, e.g. the save, whose time goes into the report the save writes)."""
+        w, c = time.perf_counter(), time.process_time()
+        self.current = name
+
+        def stop() -> None:
             self.wall[name] = time.perf_counter() - w
             self.cpu[name] = time.process_time() - c
+        return stop
 
     def total(self) -> float:
         return time.perf_counter() - self.start

@@ -1,6 +1,7 @@
 """``--stats-cache FILE``: finished statistics reused when they were made from the same model, data and
 settings (checked by fingerprint, naming what differs), else the pass runs checkpointed in
-``FILE.partial`` and its statistics are saved to ``FILE``."""
+``FILE.partial`` and its statistics are saved to ``FILE``. A ``FILE`` that is a symbolic link is followed:
+the statistics are written to its target and the link stays."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ from typing import Dict, Optional, Tuple
 
 from ..checkpoint import differing, is_checkpoint_file
 from ..errors import ConfigError, DataError, NumericalError
+from ..fileio import unreadable
 from ..fisher import FisherStatistics, check_finite, is_statistics_file
 
 PARTIAL_SUFFIX = ".partial"
@@ -21,20 +23,41 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def resolve_stats_cache(path: str) -> str:
+    """``--stats-cache`` as the path the run reads and writes: a symbolic link (also one whose target does not
+    exist yet) is followed, so that the statistics go through it to its target, next to which the
+    checkpoint ``.partial`` lies too; a rename over the link itself would replace it by a regular file."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def _check_readable(path: str) -> None:
+    """``FILE`` and ``FILE.partial``, where they exist, readable: the header checks below would call an
+    unreadable file "not ours"."""
+    for p in (path, path + PARTIAL_SUFFIX):
+        why = unreadable(p) if os.path.isfile(p) else None
+        if why:
+            which = "" if p == path else f" its checkpoint {p}:"
+            raise ConfigError(f"--stats-cache {path}:{which} cannot read: {why}")
+
+
 def check_stats_cache(path: str, data: Optional[str] = None) -> None:
     """``--stats-cache``: a file path in a writable folder (created if missing, as ``--out``'s), not the
-    ``--data`` file, and, when it exists, a statistics file (never a user's other file: the run would
-    overwrite it). Checked before any work."""
+    ``--data`` file, and, when it exists, a readable statistics file (never a user's other file: the run
+    would overwrite it). A finished ``FILE`` is only read, so its folder may be read-only. Checked before
+    any work."""
     if os.path.isdir(path):
         raise ConfigError(f"--stats-cache {path} is a folder; give a file path")
     if data and os.path.exists(data) and os.path.exists(path) and os.path.samefile(path, data):
         raise ConfigError(f"--stats-cache {path} is the --data file: give another path for the statistics")
+    _check_readable(path)
     if path.endswith(PARTIAL_SUFFIX) and is_checkpoint_file(path):
         raise ConfigError(f"--stats-cache {path} is the checkpoint of an unfinished pass: give --stats-cache "
                           f"{path[:-len(PARTIAL_SUFFIX)]} to resume it")
     if os.path.isfile(path) and not is_statistics_file(path):
         raise ConfigError(f"--stats-cache {path} exists and is not a lora_da_fast statistics file (it holds "
                           "something else, left as it is): give a new path for the statistics")
+    if os.path.isfile(path):
+        return  # finished statistics: read, never written (a mismatch is refused when the fingerprint is known)
     parent = os.path.dirname(path) or "."
     up = parent
     while up and not os.path.lexists(up):

@@ -19,7 +19,9 @@ and ``P`` the token mask's selection (``T`` selected tokens):
   ``k > r``.
 
 Cost: one SVD of ``X`` (``O(T_all d_in min(T_all, d_in))``) per group, per module ``S U^T Delta``
-(``k T_all d_out``) and one ``k x k`` symmetric eigendecomposition. Everything is float64.
+(``k T_all d_out``), ``Dq Dq^T`` (``k^2 d_out``), the eigenvalues of the smaller of ``Dq Dq^T`` and
+``Dq^T Dq`` for ``sigma`` (no SVD of ``Dq``) and one ``k x k`` symmetric eigendecomposition. Everything
+is float64.
 """
 from __future__ import annotations
 
@@ -80,11 +82,13 @@ def solve_module_tokens(basis: TokenBasis, Lq: torch.Tensor, Zq_inv: Optional[to
     u = u.to(torch.float64)
     Gq = basis.project_gradient(delta, num_examples)  # [k, d_out]
     Dq = -torch.cholesky_solve(Gq * u[None, :], Lq)
-    sigma = torch.linalg.matrix_norm(Dq, ord=2)
+    DDt = Dq @ Dq.transpose(-1, -2)  # [k, k]: the bias term, and (or its smaller twin) sigma^2
+    gram = Dq.transpose(-1, -2) @ Dq if Dq.shape[1] < Dq.shape[0] else 0.5 * (DDt + DDt.transpose(-1, -2))
+    sigma = torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt()  # ||Dq||_2, without an SVD of Dq
     if not bool(sigma > 0) or not bool(torch.isfinite(sigma)):
         raise NumericalError("the Fisher-gradient is zero or non-finite")
     Dq = Dq / sigma
-    Mq = -cfg.alpha * (Dq @ Dq.transpose(-1, -2))
+    Mq = (-cfg.alpha / float(sigma) ** 2) * DDt
     outside = 0.0  # the eigenvalue of M on the complement of span(V)
     if cfg.beta > 0:
         c = cfg.beta * float(u.sum()) / (cfg.population_size * float(sigma) ** 2)

@@ -36,19 +36,38 @@ from .token_store import TokenStore, finish
 LossFn = Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]
 
 
-def per_example_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``sum_i L_i``, ``L_i`` = mean next-token cross-entropy over example ``i``'s label tokens (fp32)."""
+def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[L_i]``, ``L_i`` = mean next-token cross-entropy over example ``i``'s label tokens (fp32, ``[B]``)."""
     shift_logits = logits[:, :-1].float()  # upcast: the loss and its gradient in fp32, as HF does
     shift_labels = labels[:, 1:]
     ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                          ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return (ce.sum(dim=1) / counts).sum()
+    return ce.sum(dim=1) / counts
 
 
-def _examples(batch: Batch) -> str:
-    idx = [i for i in batch.indices if i >= 0]
+def per_example_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``sum_i L_i`` (:func:`per_example_losses`)."""
+    return per_example_losses(logits, labels).sum()
+
+
+def _examples(batch: Batch, rows: Optional[List[int]] = None) -> str:
+    """The user's indices of the examples of ``batch`` (of its ``rows`` if given), for messages."""
+    idx = [batch.indices[r] for r in rows] if rows is not None and batch.indices else list(batch.indices)
+    idx = [i for i in idx if i >= 0]
     return ", ".join(map(str, idx)) if idx else "(unknown)"
+
+
+# The advice for an overflow in half precision, in the Python API's words (the CLI puts its own option)
+HALF_PRECISION_ADVICE = "overflow in the model's dtype? run the model in float32, e.g. model.float()"
+
+
+def overflow_advice(dtype: torch.dtype) -> str:
+    """What to do about a non-finite value computed in ``dtype``: float32 in half precision; in float32
+    or float64, nothing a dtype can do."""
+    if dtype in (torch.float32, torch.float64):
+        return f"the model already runs in {str(dtype).replace('torch.', '')}: check its weights and these examples"
+    return HALF_PRECISION_ADVICE
 
 
 class StatisticsPass:
@@ -152,8 +171,8 @@ class StatisticsPass:
         return self.model(input_ids=batch.input_ids.to(self.device),
                           attention_mask=batch.attention_mask.to(self.device), use_cache=False)
 
-    def _loss(self, batch: Batch) -> torch.Tensor:
-        """``sum_i L_i`` of ``batch`` (fp32 scalar): the causal-LM mean token loss of each example, or the
+    def _losses(self, batch: Batch) -> torch.Tensor:
+        """``[L_i]`` of ``batch`` (fp32, ``[B]``): the causal-LM mean token loss of each example, or the
         per-example losses returned by ``loss_fn``."""
         if self.loss_fn is None:
             if "labels" in batch.fields:
@@ -162,7 +181,7 @@ class StatisticsPass:
                                 "pass loss_fn= (a function (model, batch) -> per-example losses)")
             out = self._forward(batch)
             logits = out.logits if hasattr(out, "logits") else out[0]
-            return per_example_loss_sum(logits, batch.labels.to(logits.device))
+            return per_example_losses(logits, batch.labels.to(logits.device))
         losses = self._forward(batch)
         b = batch.batch_size
         if not isinstance(losses, torch.Tensor):
@@ -176,33 +195,59 @@ class StatisticsPass:
         if not losses.requires_grad:
             raise ConfigError("loss_fn's losses have no gradient: they must be computed from the outputs of the "
                               "model it is given (not under torch.no_grad, not detached)")
-        return losses.float().sum()
+        return losses.float()
 
     def step(self, batch: Batch) -> None:
         """Forward and backward of one batch; the hooks accumulate every statistic."""
         acc = self.acc
         acc.set_batch(batch, self.cfg.token_mask, self.device)
         with torch.enable_grad():
-            loss = self._loss(batch)
+            losses = self._losses(batch)
+            loss = losses.sum()
             if not torch.isfinite(loss):
-                del loss
-                raise NumericalError(f"non-finite values first appear in the output of module "
-                                     f"{self._first_non_finite(batch)} on examples {_examples(batch)} "
-                                     "(overflow in the model's dtype? try --dtype float32)")
+                bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+                del loss, losses
+                raise NumericalError(self._non_finite_message(batch, bad))
+            del losses
             loss.backward()
         self._check_finite(batch)
         self.n += batch.batch_size
         self.T += int(acc.masks[1].sum())
 
-    def _first_non_finite(self, batch: Batch) -> str:
-        """Rerun the batch's forward (no grad) to find the first module whose output is non-finite."""
-        first: List[str] = []
+    def _non_finite_message(self, batch: Batch, bad: List[int]) -> str:
+        """Where a non-finite loss comes from: the first module whose output is non-finite and the examples
+        (rows) where it is, or else the examples whose loss is (``bad``: their rows)."""
+        rows = bad or None  # a sum of finite losses that overflowed: every example of the batch
+        found = self._first_non_finite(batch)
+        if found is not None:
+            name, out_rows, dtype = found
+            return (f"non-finite values first appear in the output of module {name} on examples "
+                    f"{_examples(batch, out_rows or rows)} ({overflow_advice(dtype)})")
+        if self.loss_fn is not None:
+            return (f"loss_fn returned a non-finite loss on examples {_examples(batch, rows)} (every module's "
+                    "output is finite: check loss_fn on these examples)")
+        return (f"non-finite loss on examples {_examples(batch, rows)} although every module's output is finite "
+                "(logits beyond float32's range?)")
+
+    def _first_non_finite(self, batch: Batch):
+        """Rerun the batch's forward (no grad) to find the first module whose output is non-finite:
+        ``(name, rows of the batch where it is, dtype it was computed in)`` or ``None``. The dtype is the
+        module's own (its first floating-point parameter's), else its output's."""
+        first: list = []
+        b = batch.batch_size
 
         def hook(name):
             def fn(module, inputs, output):
-                if not first and isinstance(output, torch.Tensor) and output.is_floating_point() \
-                        and not bool(torch.isfinite(output).all()):
-                    first.append(name or type(module).__name__)
+                if first or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                    return
+                bad = ~torch.isfinite(output.detach())
+                if not bool(bad.any()):
+                    return
+                rows = (bad.reshape(b, -1).any(dim=1).nonzero().flatten().tolist()
+                        if output.dim() >= 2 and output.shape[0] == b else None)
+                dtype = next((p.dtype for p in module.parameters(recurse=False) if p.is_floating_point()),
+                             output.dtype)
+                first.append((name or type(module).__name__, rows, dtype))
             return fn
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()]
@@ -212,7 +257,7 @@ class StatisticsPass:
         finally:
             for h in handles:
                 h.remove()
-        return first[0] if first else "(none found: the loss itself overflowed)"
+        return first[0] if first else None
 
     def _check_finite(self, batch: Batch) -> None:
         """One cheap test per batch: a non-finite input makes the diagonal of its ``Z`` non-finite and a
@@ -227,13 +272,13 @@ class StatisticsPass:
             return
         for name, diag in diagonals.items():
             if not bool(torch.isfinite(diag).all()):
-                raise NumericalError(f"non-finite input activations of module {name} on examples "
-                                     f"{_examples(batch)} (overflow in the model's dtype? try --dtype float32)")
+                raise NumericalError(f"non-finite input activations of module {name} on examples {_examples(batch)} "
+                                     f"({overflow_advice(self.targets[name].weight.dtype)})")
         # a non-finite gradient spreads to every module before it: the last one (module order) is the origin
         for name, y in reversed(list(acc.y.items())):
             if not bool(torch.isfinite(y).all()):
-                raise NumericalError(f"non-finite output gradients of module {name} on examples "
-                                     f"{_examples(batch)} (overflow in the model's dtype? try --dtype float32)")
+                raise NumericalError(f"non-finite output gradients of module {name} on examples {_examples(batch)} "
+                                     f"({overflow_advice(self.targets[name].weight.dtype)})")
 
     def state_dict(self) -> Dict[str, object]:
         acc = self.acc
