@@ -132,6 +132,11 @@ class BatchedOptions:
         diagnostics: a dict that receives, per module name, ``{"iterations", "passes", "sigma"}`` (passes:
             operator applications, in units of one application of ``M'``, setup and factors included;
             sigma: ``"ritz"``, ``"refined"``, ``"dense"`` or ``"exact"`` when ``beta = 0``).
+        start: per module name, a ``d_in x r`` basis to start the eigensolver from (the subspace of nearby
+            statistics, e.g. the solve being measured by :mod:`.sensitivity`): the first ``r`` columns of
+            the block, the others random as usual. Fewer iterations when it is close; the result does not
+            depend on it beyond the stopping tolerance. A stack starts from it only if all its modules
+            have one.
     """
 
     dtype: Optional[torch.dtype] = None
@@ -147,6 +152,7 @@ class BatchedOptions:
     workers: Optional[int] = None
     directions: Optional[int] = None
     diagnostics: Optional[dict] = None
+    start: Optional[Dict[str, torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
@@ -434,8 +440,11 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
                                                                  device=device)[:, None])
                 return cholesky_ex(Z64)[0]
 
+            start = None
+            if opt.start is not None and all(m in opt.start for m in names):
+                start = torch.stack([opt.start[m].to(device=device, dtype=dt) for m in names])
             sol = _solve_stack(op, cfg.alpha, bprime, r, opt, gen, None if znorm is None else znorm[idx],
-                               exact_factors)
+                               exact_factors, start)
         with _phase("factors", device, t):
             for n in sol.notes:
                 n.extend(chunk_notes)
@@ -472,9 +481,10 @@ class _StackSolution:
 
 def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r: int,
                  opt: BatchedOptions, gen: torch.Generator, zinv_norm: Optional[torch.Tensor] = None,
-                 exact_factors=None) -> _StackSolution:
+                 exact_factors=None, start: Optional[torch.Tensor] = None) -> _StackSolution:
     """Ritz vectors, eigenvalues, residuals and ``sigma^2`` of a stack; ``exact_factors(positions)``
-    gives float64 Cholesky factors for the dense fallback when the working dtype is float32."""
+    gives float64 Cholesky factors for the dense fallback when the working dtype is float32; ``start``
+    (``[b, d_in, r]``) the first ``r`` columns of the eigensolver's starting block."""
     b, d_out, n = op.G.shape
     k, kw, kp = opt.block(r)
     dt = op.G.dtype
@@ -490,9 +500,12 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
     # plain residual is a poor search direction and Zd R is added (lobpcg's precond_floor)
     floor = bprime.double() * zinv_norm if bprime is not None else None
     Mop = op.with_coefficients(alpha, bprime)
-    Omega = torch.randn(b, d_out, k, generator=gen, dtype=dt, device=op.G.device)
+    kr = k if start is None else k - start.shape[-1]  # the subspace of nearby statistics in front, if given
+    Omega = torch.randn(b, d_out, kr, generator=gen, dtype=dt, device=op.G.device)
     X0 = op.d_mul(Omega)
     del Omega
+    if start is not None:
+        X0 = torch.cat([start, X0], dim=-1)
     value_tol = SIGMA2_TOL if bprime is None else None  # beta = 0: theta_0 = -alpha sigma^2 is needed exactly
     # Past the flops of a dense solve (forming M' ~ 2 n^2 d_out, eigh ~ 10 n^3) iterating is a loss:
     # such hard cases (wanted eigenvalues inside a spectrum spread by the variance term) go dense.

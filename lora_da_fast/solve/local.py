@@ -48,5 +48,8 @@ def solve_local(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = Fal
             res.update(more)
             res.reports.update(more.reports)
         res = LoraDAResult({n: res[n] for n in stats.modules}, {n: res.reports[n] for n in stats.modules})
-    measure_sensitivity(stats, cfg, res, through_tokens, solver)
+    def again(st: FisherStatistics, c: LoraDAConfig, start=None) -> LoraDAResult:
+        return solver(st, c) if solver is solve_reference else solver(st, c, start=start)
+
+    measure_sensitivity(stats, cfg, res, through_tokens, again)
     return res
