@@ -39,7 +39,9 @@ the authors' choices. Not reproduced: the authors' ``model.train()`` during the 
 here), and their reliance on Llama module names (``model.layers.<i>.``; any model works here).
 
 Keyword-only extras: ``loss_fn`` (a loss/forward callback, as :func:`lora_da_fast.run_lora_da` takes),
-``progress``, ``pass_batch_size``, ``layers_per_pass`` and ``solver``.
+``progress``, ``pass_batch_size``, ``layers_per_pass``, ``solver``, the library's own ``keep_tokens`` and
+``sensitivity`` (as :class:`~lora_da_fast.LoraDAConfig`), and ``reports`` (a dict that receives the
+per-module reports).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ from .config import LoraDAConfig, is_integer, is_real
 from .engine import execute, prepare_run, solve_lora_da
 from .errors import ConfigError, DataError, NumericalError, TargetError
 from .fisher import FisherStatistics, ModuleStatistics
-from .results import LoraDAResult
+from .results import LoraDAResult, ModuleReport
 from .statistics.statistics_pass import LossFn
 
 AUTHORS_LOBPCG_NITER = 10  # the authors' defaults of the two iteration counts we do not need
@@ -203,6 +205,9 @@ def estimate_lora_da_initializations_for_betas(
     pass_batch_size: Optional[int] = None,
     layers_per_pass: Union[int, str, None] = None,
     solver: str = "auto",
+    keep_tokens: str = "auto",
+    sensitivity: str = "auto",
+    reports: Optional[Dict[float, Dict[str, ModuleReport]]] = None,
 ) -> Dict[float, Initializations]:
     """LoRA-DA initialisations for several ``variance_betas`` from one statistics pass:
     ``{beta: {"<module>.weight": {"lora_A": [r, d_in], "lora_B": [d_out, r]}}}`` (CPU, float32, divided
@@ -214,8 +219,13 @@ def estimate_lora_da_initializations_for_betas(
     Keyword-only: ``loss_fn(model, batch) -> per-example losses [B]`` instead of the causal-LM loss;
     ``progress`` (bars); ``pass_batch_size`` (default ``max(batch_size, 8)``); ``layers_per_pass``
     (stream the model through several passes to bound memory, as :class:`LoraDAConfig`);
-    ``solver`` (``"auto"``, ``"batched"`` or ``"reference"``, dense float64).
+    ``solver`` (``"auto"``, ``"batched"`` or ``"reference"``, dense float64); ``keep_tokens`` and
+    ``sensitivity`` (as :class:`LoraDAConfig`: the exact path through the tokens, the one-ulp sensitivity
+    measurement); ``reports``: a dict that receives ``{beta: {"<module>.weight": ModuleReport}}`` (damping,
+    eigenvalues, eigengap, sensitivity, notes: what this library's own doors report).
     """
+    if reports is not None and not isinstance(reports, dict):
+        raise ConfigError(f"reports must be a dict to fill, got {type(reports).__name__}")
     if isinstance(variance_betas, (str, bytes)) or not hasattr(variance_betas, "__iter__"):
         raise ConfigError(f"variance_betas must be a list of numbers, got {variance_betas!r}")
     betas = list(dict.fromkeys(variance_betas))
@@ -258,7 +268,8 @@ def estimate_lora_da_initializations_for_betas(
                            gamma=gamma, damping=damping, output_damping_ratio=output_damping_ratio,
                            token_mask=fisher_token_mask, output_fisher=output_fisher_mode, target_modules=names,
                            batch_size=pass_batch_size, layers_per_pass=layers_per_pass, seed=deterministic_seed,
-                           solver=solver, max_damping=max(1.0, damping))
+                           solver=solver, max_damping=max(1.0, damping), keep_tokens=keep_tokens,
+                           sensitivity=sensitivity)
     except ConfigError as exc:  # name the authors' arguments
         msg = str(exc)
         for ours, theirs in (("alpha", "bias_alpha"), ("batch_size", "pass_batch_size"),
@@ -278,6 +289,8 @@ def estimate_lora_da_initializations_for_betas(
     for b in betas:
         result = solve_lora_da(stats, dataclasses.replace(cfg, beta=b), progress=progress)
         out[b] = _authors_format(result, names, gamma, normalize_delta, power, reference, balance_factors)
+        if reports is not None:
+            reports[b] = {n + ".weight": result.reports[n] for n in names}
     return out
 
 
@@ -311,13 +324,20 @@ def estimate_lora_da_initializations(
     pass_batch_size: Optional[int] = None,
     layers_per_pass: Union[int, str, None] = None,
     solver: str = "auto",
+    keep_tokens: str = "auto",
+    sensitivity: str = "auto",
+    reports: Optional[Dict[str, ModuleReport]] = None,
 ) -> Initializations:
     """LoRA-DA initialisations for one ``variance_beta``:
     ``{"<module>.weight": {"lora_A": [r, d_in], "lora_B": [d_out, r]}}`` (CPU, float32, divided by
-    ``sqrt(gamma)``), as :func:`estimate_lora_da_initializations_for_betas` with one beta."""
+    ``sqrt(gamma)``), as :func:`estimate_lora_da_initializations_for_betas` with one beta; ``reports``: a
+    dict that receives ``{"<module>.weight": ModuleReport}``."""
     if not is_real(variance_beta):
         raise ConfigError(f"variance_beta must be a number, got {variance_beta!r}")
-    return estimate_lora_da_initializations_for_betas(
+    if reports is not None and not isinstance(reports, dict):
+        raise ConfigError(f"reports must be a dict to fill, got {type(reports).__name__}")
+    per_beta: Dict[float, Dict[str, ModuleReport]] = {}
+    out = estimate_lora_da_initializations_for_betas(
         model, dataset, named_grads, target_modules, rank, population_size, [variance_beta],
         batch_size=batch_size, bias_alpha=bias_alpha, damping=damping, gamma=gamma, lobpcg_niter=lobpcg_niter,
         fisher_layers_per_pass=fisher_layers_per_pass, normalize_delta=normalize_delta,
@@ -326,4 +346,8 @@ def estimate_lora_da_initializations(
         deterministic_seed=deterministic_seed, balance_factors=balance_factors,
         output_damping_ratio=output_damping_ratio, normalize_variance_guidance=normalize_variance_guidance,
         output_fisher_mode=output_fisher_mode, loss_fn=loss_fn, progress=progress, pass_batch_size=pass_batch_size,
-        layers_per_pass=layers_per_pass, solver=solver)[variance_beta]
+        layers_per_pass=layers_per_pass, solver=solver, keep_tokens=keep_tokens, sensitivity=sensitivity,
+        reports=per_beta)[variance_beta]
+    if reports is not None:
+        reports.update(per_beta[variance_beta])
+    return out

@@ -29,7 +29,7 @@ class ModuleReport:
     output_damping: float  # damping of the output factor
     sigma: float  # ||D||_2 before normalisation
     eigenvalues: List[float]  # the r + 1 smallest eigenvalues of M (when known)
-    eigengap: float  # (lambda_{r+1} - lambda_r) / max|lambda|: small means an ill-defined subspace
+    eigengap: float  # (lambda_{r+1} - lambda_r) / max|lambda| (the note on a tie compares them with themselves)
     residual: float  # max_k ||M a_k - theta_k a_k|| / ||M||
     solver: str
     update_norm: float = 0.0  # ||lora_B @ lora_A||_F

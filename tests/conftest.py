@@ -9,6 +9,13 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import signal  # noqa: E402
+
+# A shell that starts the suite in the background (``cmd &`` without job control, as some CI runners do)
+# leaves SIGINT ignored, and Python then raises no KeyboardInterrupt for it: the tests of what Ctrl-C does
+# would see nothing. Run them as an interactive user would (children then start with the default action).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

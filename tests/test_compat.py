@@ -234,3 +234,22 @@ def test_against_the_authors_code(setup, beta):
     print(f"beta {beta}: authors converged {worst:.1e}, authors 10 iterations {worst10:.1e}, ours {worst_ours:.1e}")
     assert worst < TOL["authors_fp32_solve"]
     assert worst_ours < TOL["solver_contract"] and worst_ours <= worst10
+
+
+def test_the_librarys_own_keywords_and_reports(setup):
+    """compat takes this library's keep_tokens and sensitivity beside the authors' signature, and fills a
+    ``reports`` dict with the per-module reports (issue 22): the same factors as our API with those settings."""
+    model, ds, names = setup
+    reports = {}
+    out = _call(model, ds, keep_tokens="never", sensitivity="always", reports=reports)
+    assert list(reports) == [n + ".weight" for n in names]
+    assert all(r.sensitivity is not None and r.solver != "tokens-fp64" for r in reports.values())
+    _assert_matches(out, _ours(model, ds, names)[0], names)
+    per_beta = {}
+    estimate_lora_da_initializations_for_betas(model, ds, None, TARGETS, RANK, N, [0.0, 0.1], gamma=GAMMA,
+                                               progress=False, keep_tokens="always", reports=per_beta)
+    assert list(per_beta) == [0.0, 0.1] and all(r.solver == "tokens-fp64" for r in per_beta[0.1].values())
+    with pytest.raises(ConfigError, match="keep_tokens"):
+        _call(model, ds, keep_tokens="sometimes")
+    with pytest.raises(ConfigError, match="reports must be a dict"):
+        _call(model, ds, reports=[])

@@ -68,7 +68,7 @@ from .factor import cholesky_ex, spd_inverse
 from .lobpcg import (SIGMA2_TOL, flops_per_iteration, lobpcg, orthonormalize, rayleigh_ritz_small, sigma_from_basis,
                      solve_dense, zinv_norm)
 from .operator import _mm, _Operator
-from .steps import canonical_signs, damping_note, input_damping, output_damping, output_inverse
+from .steps import canonical_signs, damping_note, input_damping, output_damping, output_inverse, tie_note
 
 __all__ = ["BatchedOptions", "solve_batched"]
 
@@ -601,9 +601,9 @@ def _emit(stats: FisherStatistics, cfg: LoraDAConfig, names: List[str], mods: Di
         lam = lams[mods[m].group]
         if lam != cfg.damping:
             notes.append(damping_note(cfg.damping, lam))
-        if gap < 1e-6:
-            notes.append(f"ill-defined subspace: eigenvalues {r} and {r + 1} of M differ by {gap:.1e} of ||M||; "
-                         "this subspace is one of a family of (nearly) equally good ones")
+        tie = tie_note(w, r)
+        if tie:
+            notes.append(tie)
         out = st.G.device  # the factors live where the statistics do, whatever device solved them
         factors[m] = LoraFactors(lora_A[i].contiguous().to(out), lora_B[i].contiguous().to(out))
         reports[m] = ModuleReport(

@@ -40,7 +40,7 @@ def solve_local(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = Fal
     if not through_tokens:
         res = solver(stats, cfg, progress=progress)
     else:
-        res = solve_token_groups(stats, cfg, through_tokens)
+        res = solve_token_groups(stats, cfg, through_tokens, progress=progress)
         done = set(through_tokens)
         rest = [n for n, st in stats.modules.items() if st.group not in done]
         if rest:
@@ -48,8 +48,10 @@ def solve_local(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool = Fal
             res.update(more)
             res.reports.update(more.reports)
         res = LoraDAResult({n: res[n] for n in stats.modules}, {n: res.reports[n] for n in stats.modules})
-    def again(st: FisherStatistics, c: LoraDAConfig, start=None) -> LoraDAResult:
-        return solver(st, c) if solver is solve_reference else solver(st, c, start=start)
+    def again(st: FisherStatistics, c: LoraDAConfig, start=None, progress: bool = False) -> LoraDAResult:
+        if solver is solve_reference:
+            return solver(st, c, progress=progress)
+        return solver(st, c, progress=progress, start=start)
 
-    measure_sensitivity(stats, cfg, res, through_tokens, again)
+    measure_sensitivity(stats, cfg, res, through_tokens, again, progress=progress)
     return res

@@ -68,7 +68,7 @@ def perturbed(stats: FisherStatistics, names: Sequence[str], token_groups: Seque
 
 
 def measure_sensitivity(stats: FisherStatistics, cfg: LoraDAConfig, res: LoraDAResult, token_groups: List[str],
-                        solve_factors: Callable[..., LoraDAResult]) -> None:
+                        solve_factors: Callable[..., LoraDAResult], progress: bool = False) -> None:
     """Fill ``res.reports[m].sensitivity`` (and a note above :data:`SENSITIVITY_FLAG`) for the modules
     ``cfg.sensitivity`` asks for: those of ``token_groups`` (solved through their tokens), and with
     ``"always"`` the others too, solved again with ``solve_factors(stats, cfg, start=...)`` (the
@@ -88,10 +88,11 @@ def measure_sensitivity(stats: FisherStatistics, cfg: LoraDAConfig, res: LoraDAR
     failed: Optional[str] = None
     try:
         if tok:
-            again.update(solve_token_groups(perturbed(stats, tok, token_groups, seed), cfg, token_groups))
+            again.update(solve_token_groups(perturbed(stats, tok, token_groups, seed), cfg, token_groups,
+                                            progress=progress, desc="sensitivity (tokens)"))
         if dense:
             start = {m: res[m].lora_A.transpose(0, 1).double() for m in dense}  # A0 up to 1/sqrt(gamma)
-            again.update(solve_factors(perturbed(stats, dense, [], seed), cfg, start=start))
+            again.update(solve_factors(perturbed(stats, dense, [], seed), cfg, start=start, progress=progress))
     except LoraDAError as exc:  # a one-ulp change that makes the solve fail: as undetermined as it gets
         failed = str(exc)
     for m in tok + dense:

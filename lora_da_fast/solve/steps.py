@@ -19,6 +19,25 @@ from ..results import LoraFactors
 DAMPING_MARGIN = 0.5
 
 
+# Eigenvalues r and r+1 of M closer than this, relative to their own size, make the note below: the r-th
+# direction could be swapped for the (r+1)-th at a change of the objective below this fraction.
+TIED = 1e-6
+
+
+def tie_note(w: Sequence[float], r: int) -> Optional[str]:
+    """The report's note when eigenvalues ``r`` and ``r + 1`` of ``M`` (``w``, ascending) coincide relative to
+    their own size (not to ``||M||``: ``M``'s largest eigenvalue can be the damping's ``c / lam`` on
+    directions the inputs never reach, which says nothing about how well the data separate these two)."""
+    if len(w) <= r:
+        return None
+    lo, hi = w[r - 1], w[r]
+    rel = (hi - lo) / max(abs(lo), abs(hi), 1e-300)
+    if rel >= TIED:
+        return None
+    return (f"ill-defined subspace: eigenvalues {r} and {r + 1} of M coincide to {rel:.1e} of their size; this "
+            "subspace is one of a family of (nearly) equally good ones")
+
+
 def damping_note(damping: float, lam: float) -> str:
     """The report's note for an input damping raised from ``damping`` to ``lam`` by :func:`input_damping`."""
     return (f"damping raised from {damping:g} to {lam:g} after a failed Cholesky (float64, of sym(Z) + "

@@ -30,12 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import LoraDAConfig
 from ..errors import NumericalError
 from ..fisher import FisherStatistics, ModuleStatistics
 from ..results import LoraDAResult, LoraFactors, ModuleReport
-from .steps import output_damping, output_inverse
+from .steps import output_damping, output_inverse, tie_note
 
 SOLVER_TOKENS = "tokens-fp64"
 
@@ -177,9 +178,9 @@ def solve_group_tokens(group: str, X: torch.Tensor, selected: Optional[torch.Ten
             raise NumericalError(f"module {name}: {exc}") from None
         factors[name] = f
         why = list(notes or [])
-        if rep["eigengap"] < 1e-6:  # as the batched solver says it
-            why.append(f"ill-defined subspace: eigenvalues {cfg.rank} and {cfg.rank + 1} of M differ by "
-                       f"{rep['eigengap']:.1e} of ||M||; this subspace is one of a family of (nearly) equally good ones")
+        tie = tie_note(rep["eigenvalues"], cfg.rank)  # as the batched solver says it
+        if tie:
+            why.append(tie)
         reports[name] = ModuleReport(d_in=int(X.shape[1]), d_out=int(delta.shape[1]), group=group, damping=lam,
                                      output_damping=lam_ys[name], solver=SOLVER_TOKENS, notes=why, **rep)
     return factors, reports
@@ -196,7 +197,8 @@ def token_path_groups(stats: FisherStatistics, cfg: LoraDAConfig) -> List[str]:
             if groups.get(g) and usable(tokens.num_rows, int(x.shape[1]), cfg.rank)]
 
 
-def solve_token_groups(stats: FisherStatistics, cfg: LoraDAConfig, groups: Sequence[str]) -> LoraDAResult:
+def solve_token_groups(stats: FisherStatistics, cfg: LoraDAConfig, groups: Sequence[str], progress: bool = False,
+                       desc: str = "solve (tokens)") -> LoraDAResult:
     """The modules of ``groups`` (all with kept tokens) through their tokens, in float64. The output
     statistics ``y`` (or the per-example sums) are recomputed from the tokens in float64 too
     (:func:`token_output_moments`), so that nothing of the result depends on the pass's summation order.
@@ -226,15 +228,22 @@ def solve_token_groups(stats: FisherStatistics, cfg: LoraDAConfig, groups: Seque
     on_cpu = all(tokens.X[g].device.type == "cpu" for g in groups)
     workers = max(1, min(threads, len(groups))) if on_cpu else 1
     done: Dict[str, Tuple[Dict[str, LoraFactors], Dict[str, ModuleReport]]] = {}
+    bar = tqdm(total=sum(len(members[g]) for g in groups), desc=desc, unit="module", disable=not progress,
+               dynamic_ncols=True)
     try:
         if workers > 1:
             torch.set_num_threads(1)
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-da-tokens") as pool:
-                done = dict(zip(groups, pool.map(solve, groups)))
+                for g, out in zip(groups, pool.map(solve, groups)):
+                    done[g] = out
+                    bar.update(len(members[g]))
         else:
-            done = {g: solve(g) for g in groups}
+            for g in groups:
+                done[g] = solve(g)
+                bar.update(len(members[g]))
     finally:
         torch.set_num_threads(threads)
+        bar.close()
     factors: Dict[str, LoraFactors] = {}
     reports: Dict[str, ModuleReport] = {}
     for g in groups:
