@@ -309,8 +309,13 @@ def _adapter_plan(model: nn.Module, lora_config, adapter_name: str):
 
 
 def _renamed(stats: FisherStatistics, rename: Dict[str, str]) -> FisherStatistics:
-    modules = {rename[n]: ModuleStatistics(rename[st.group], st.G, st.y, st.seq_sums) for n, st in stats.modules.items()}
-    return dataclasses.replace(stats, modules=modules, Z={rename[g]: z for g, z in stats.Z.items()})
+    """``stats`` with its modules and input groups renamed (a group led by a module outside ``rename``,
+    e.g. of a subset of the targets, keeps its name)."""
+    def new(name: str) -> str:
+        return rename.get(name, name)
+
+    modules = {new(n): ModuleStatistics(new(st.group), st.G, st.y, st.seq_sums) for n, st in stats.modules.items()}
+    return dataclasses.replace(stats, modules=modules, Z={new(g): z for g, z in stats.Z.items()})
 
 
 def get_lora_da_state_dict(model: nn.Module, examples: Optional[Iterable] = None,
@@ -354,8 +359,7 @@ def get_lora_da_state_dict(model: nn.Module, examples: Optional[Iterable] = None
     run_cfg = dataclasses.replace(cfg, target_modules=list(to_source.values()))
     ranks = {s: r for s, r in plan.values()}
     if stats is not None:
-        stats = _renamed(select_statistics(stats, names, None, cfg.token_mask),
-                         {**to_source, **{g: to_source.get(g, g) for g in stats.Z}})
+        stats = _renamed(select_statistics(stats, names, None, cfg.token_mask), to_source)
     elif examples is None:
         raise ConfigError("give calibration examples (or precomputed stats=)")
     off = model.disable_adapter() if isinstance(model, PeftModel) and stats is None else contextlib.nullcontext()

@@ -5,7 +5,7 @@ naming the limit, not an ``IndexError`` (or a CUDA device-side assert) in the mi
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from peft import PeftModel
@@ -65,26 +65,26 @@ def check_not_wrapped(model: nn.Module) -> None:
                               "pass a fresh copy of the base model")
 
 
+def _accessor(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """``model.<name>()`` (a transformers accessor such as ``get_input_embeddings``), ``None`` where the
+    model has none or does not implement it."""
+    get = getattr(model, name, None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def embedding_rows(model: nn.Module) -> Optional[int]:
     """Rows of the model's input embedding (the token ids it accepts), ``None`` if unknown."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        emb = None
-    rows = getattr(emb, "num_embeddings", None)
+    rows = getattr(_accessor(model, "get_input_embeddings"), "num_embeddings", None)
     return int(rows) if isinstance(rows, int) else None
 
 
 def vocabulary_size(model: nn.Module) -> Optional[int]:
     """Classes of the causal-LM loss (the output head's rows, else ``config.vocab_size``), ``None`` if
     unknown."""
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        head = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        head = None
-    rows = getattr(head, "out_features", None)
+    rows = getattr(_accessor(model, "get_output_embeddings"), "out_features", None)
     if not isinstance(rows, int):
         rows = getattr(getattr(model, "config", None), "vocab_size", None)
     return int(rows) if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0 else None
@@ -110,12 +110,7 @@ def _first_outside(values: List[torch.Tensor], low: int, high: int, allowed: Opt
 def position_limit(model: nn.Module) -> Optional[int]:
     """The most tokens an example may have, for a model with learned position embeddings (beyond them
     the forward pass fails); ``None`` for models without such a hard limit (e.g. rotary positions)."""
-    inputs = None
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        inputs = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        pass
+    inputs = _accessor(model, "get_input_embeddings")
     rows = [m.num_embeddings for n, m in model.named_modules()
             if isinstance(m, nn.Embedding) and m is not inputs and _POSITION_EMBEDDING.search(n)]
     if not rows:
@@ -162,8 +157,3 @@ def check_examples_fit(model: nn.Module, input_ids: List[torch.Tensor],
                                 f"(max_position_embeddings)")
                 err.position_limit = limit  # for a caller that can say how to shorten the examples
                 raise err
-
-
-def example_ids(examples: Iterable) -> List[torch.Tensor]:
-    """The ``input_ids`` of each example (objects with an ``input_ids`` attribute or dicts)."""
-    return [e.input_ids if hasattr(e, "input_ids") else e["input_ids"] for e in examples]

@@ -187,17 +187,20 @@ def _fail_inside_get_peft_model(monkeypatch, exc):
     monkeypatch.setattr(LoraModel, "_create_and_replace", create)
 
 
-def _fail_in_writes(monkeypatch, exc):
+def _on_third_write(monkeypatch, action) -> list:
+    """``action()`` during the third ``copy_`` of each ``apply_lora_da`` (a write into the model); returns
+    the list of the last call's writes (one entry each)."""
     real_apply = peft_integration.apply_lora_da
     real_copy = torch.Tensor.copy_
+    seen = []
 
-    def apply(*a, **k):  # the third write into a LoRA weight fails
-        seen = []
+    def apply(*a, **k):
+        seen.clear()
 
         def copy(self, *args, **kwargs):
             seen.append(1)
             if len(seen) == 3:
-                raise exc
+                action()
             return real_copy(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, "copy_", copy)
@@ -207,6 +210,14 @@ def _fail_in_writes(monkeypatch, exc):
             monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
 
     monkeypatch.setattr(peft_integration, "apply_lora_da", apply)
+    return seen
+
+
+def _fail_in_writes(monkeypatch, exc):  # the third write into a LoRA weight fails
+    def fail():
+        raise exc
+
+    _on_third_write(monkeypatch, fail)
 
 
 FAILURES = {"pass": _fail_in_pass, "solve": _fail_in_solve, "get_peft_model": _fail_after_get_peft_model,
@@ -238,25 +249,7 @@ def test_ctrl_c_during_the_writes_lets_them_finish(monkeypatch):
     ex = random_examples(6, seed=1)
     done = tiny_llama(seed=0)
     initialize_lora_da(done, ex, lora, _cfg(), subtract_init=True, progress=False)
-    real_copy = torch.Tensor.copy_
-    seen = []
-
-    def copy(self, *args, **kwargs):  # Ctrl-C arrives during the third write
-        seen.append(1)
-        if len(seen) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real_copy(self, *args, **kwargs)
-
-    real_apply = peft_integration.apply_lora_da
-
-    def apply(*a, **k):
-        monkeypatch.setattr(torch.Tensor, "copy_", copy)
-        try:
-            return real_apply(*a, **k)
-        finally:
-            monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
-
-    monkeypatch.setattr(peft_integration, "apply_lora_da", apply)
+    seen = _on_third_write(monkeypatch, lambda: signal.raise_signal(signal.SIGINT))  # Ctrl-C in the third write
     model = tiny_llama(seed=0)
     with pytest.raises(KeyboardInterrupt):
         initialize_lora_da(model, ex, lora, _cfg(), subtract_init=True, progress=False)

@@ -98,8 +98,6 @@ def _explain(exc: LoraDAError, args, state: RunState) -> str:
             msg += "; raise --max-damping or --damping"
         from ..statistics.statistics_pass import HALF_PRECISION_ADVICE  # loaded by the run that raised this
         msg = msg.replace(HALF_PRECISION_ADVICE, _DTYPE_ADVICE)  # the API's words, the CLI's option
-        if _DTYPE_ADVICE in msg and state.dtype == "float32":  # the advice is what the run already did
-            msg = msg.replace(_DTYPE_ADVICE, "the model already runs in float32: check its weights and these examples")
         msg = re.sub(r"likely cause: (beta|gamma) = ", r"likely cause: --\1 ", msg)
     if getattr(exc, "disk", None):
         msg += _partial_hint(state, "free space, then rerun the same command to resume")

@@ -38,7 +38,6 @@ class RunState:
         self.clock: Optional[Clock] = None
         self.status: dict = {}  # the engine's: "checkpoint" (this rank's file), "examples" (this rank's)
         self.data_lines: Optional[List[int]] = None  # --data line of each calibration example
-        self.dtype: Optional[str] = None  # the model's dtype once loaded ("float32", ...)
         self.report: Optional[dict] = None  # the report, once complete
         self.adapter: Optional[str] = None  # --out, once the complete adapter is there (set with interrupts held)
 
@@ -178,7 +177,6 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
                                                     device_map=args.device_map,
                                                     trust_remote_code=args.trust_remote_code)
     device = next(model.parameters()).device
-    state.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     try:
         names = lora_target_names(model, lora_config)
     except TargetError as exc:
