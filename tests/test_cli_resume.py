@@ -208,6 +208,27 @@ def test_failed_save_of_the_statistics_keeps_the_checkpoint(cache, long_data, re
     assert adapter_bytes(out) == reference
 
 
+def test_a_checkpoint_left_beside_finished_statistics_is_removed(stats_run, data, tmp_path, capsys):
+    """A run stopped between saving FILE and removing FILE.partial (found by the kill loop) leaves an obsolete
+    checkpoint: the next run that loads FILE removes it, and those of other rank counts, never another file."""
+    from safetensors.torch import save_file
+    from lora_da_fast.checkpoint import _META_KEY, is_checkpoint_file
+
+    f0, a0 = stats_run
+    f = tmp_path / "s.st"
+    shutil.copy(f0, f)
+    stale = [str(f) + cli.PARTIAL_SUFFIX, str(f) + cli.PARTIAL_SUFFIX + ".rank1"]
+    for p in stale:
+        save_file({"x": torch.zeros(1)}, p, metadata={_META_KEY: "{}"})
+        assert is_checkpoint_file(p)
+    mine = tmp_path / ("s.st" + cli.PARTIAL_SUFFIX + ".rank1.notes")
+    mine.write_text("mine")
+    rc, _, err = run(args(data, tmp_path / "a", "--stats-cache", f, "--quiet"), capsys)
+    assert rc == 0, err
+    assert adapter_bytes(tmp_path / "a") == adapter_bytes(a0)
+    assert not any(os.path.exists(p) for p in stale) and mine.read_text() == "mine"
+
+
 # --------------------------------------------------------------------------------------------------
 # Determinism
 

@@ -1,11 +1,8 @@
 """``lora-da-fast init``: load a model and calibration data, run the engine, write a PEFT adapter."""
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 import random
-import re
 import sys
 import warnings
 from typing import List, Optional
@@ -16,7 +13,6 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from .. import comm
-from ..checkpoint import is_checkpoint_file
 from ..config import LoraDAConfig
 from ..data import IGNORE_INDEX
 from ..engine import RunOptions, execute, prepare_run, run_lora_da, select_statistics
@@ -28,7 +24,8 @@ from .args import PROG
 from .builtins import check_model_folder, load_model, load_records, records_to_examples
 from .output import check_out, other_entries, remove_stale_temporaries, write_adapter
 from .report import Clock, lora_scaling, peak_memory, scaling
-from .stats_cache import CACHE_PARTS, PARTIAL_SUFFIX, check_stats_cache, load_stats_cache, resolve_stats_cache
+from .stats_cache import (CACHE_PARTS, PARTIAL_SUFFIX, check_stats_cache, load_stats_cache,
+                          remove_stale_checkpoints, resolve_stats_cache)
 
 
 class RunState:
@@ -219,6 +216,8 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
                     raise type(exc)(f"--stats-cache {stats_cache}: {exc}; delete it or give another file") from None
             if say:
                 say(f"statistics loaded from {stats_cache}")
+            if comm.is_main():  # a run stopped between saving FILE and removing its checkpoint left one
+                remove_stale_checkpoints(stats_cache)
         else:
             opts.checkpoint = stats_cache + PARTIAL_SUFFIX
             opts.checkpoint_every = args.checkpoint_every
@@ -240,10 +239,7 @@ def run_init(args, state: Optional[RunState] = None) -> dict:
     if opts.statistics_file is not None and comm.is_main():
         if say:
             say(f"statistics saved to {stats_cache}")
-        for other in glob.glob(glob.escape(stats_cache + PARTIAL_SUFFIX) + ".rank*"):  # other rank counts
-            if re.fullmatch(r"\.rank\d+", other[len(stats_cache + PARTIAL_SUFFIX):]) and is_checkpoint_file(other):
-                with contextlib.suppress(OSError):
-                    os.remove(other)
+        remove_stale_checkpoints(stats_cache)
     if not comm.is_main():
         return {}  # rank 0 alone builds and writes the adapter
 

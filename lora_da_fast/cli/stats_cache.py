@@ -4,7 +4,10 @@ settings (checked by fingerprint, naming what differs), else the pass runs check
 the statistics are written to its target and the link stays."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import re
 from typing import Dict, Optional, Tuple
 
 from ..checkpoint import differing, is_checkpoint_file
@@ -28,6 +31,18 @@ def resolve_stats_cache(path: str) -> str:
     exist yet) is followed, so that the statistics go through it to its target, next to which the
     checkpoint ``.partial`` lies too; a rename over the link itself would replace it by a regular file."""
     return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def remove_stale_checkpoints(path: str) -> None:
+    """Once ``FILE`` holds finished statistics, the checkpoints of its pass (``FILE.partial``, and
+    ``FILE.partial.rankR`` of any rank count) are obsolete: remove those that are checkpoints (never another
+    file). Called after the save and after a load: a run stopped between the two leaves one behind. A folder
+    that cannot be written (a read-only cache) keeps them."""
+    base = path + PARTIAL_SUFFIX
+    for other in [base] + glob.glob(glob.escape(base) + ".rank*"):
+        if (other == base or re.fullmatch(r"\.rank\d+", other[len(base):])) and is_checkpoint_file(other):
+            with contextlib.suppress(OSError):
+                os.remove(other)
 
 
 def _check_readable(path: str) -> None:
