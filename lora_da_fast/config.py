@@ -80,11 +80,11 @@ class LoraDAConfig:
             groups with few tokens (at most twice ``d_in``) and solves them exactly in token space, in
             float64 (docs/algorithm.md, "Two paths"); ``"always"`` for every group, ``"never"`` for none
             (the input-factor path only). Decided from the final token count, the same on every rank.
-        sensitivity: measure how much ``lora_B @ lora_A`` moves when every entry of the statistics moves by
-            one fp32 ulp (a second solve on perturbed statistics), reported per module and flagged above
-            1e-4 (docs/algorithm.md, "Is the result determined by the data?"). ``"auto"``: for the groups
-            solved through their tokens (a second token-space solve, cheap); ``"always"``: for every
-            group (the input-factor groups' solve is done twice); ``"never"``.
+        sensitivity: how much ``lora_B @ lora_A`` moves when every entry of the statistics moves by one
+            fp32 ulp, reported per module and flagged above 1e-4 (docs/algorithm.md, "Is the result
+            determined by the data?"). ``"auto"``: estimated to first order for every module by the solve
+            itself (no second solve); ``"always"``: measured, every module solved a second time on the
+            moved statistics; ``"never"``.
     """
 
     rank: int = 8

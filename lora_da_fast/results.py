@@ -35,9 +35,12 @@ class ModuleReport:
     update_norm: float = 0.0  # ||lora_B @ lora_A||_F
     notes: List[str] = field(default_factory=list)
     # ||delta (lora_B @ lora_A)||_F / ||lora_B @ lora_A||_F when every entry of the statistics moves by one
-    # fp32 ulp (LoraDAConfig.sensitivity; None: not measured). Above 1e-4 the result is not determined by
+    # fp32 ulp (LoraDAConfig.sensitivity; None: not known). Above 1e-4 the result is not determined by
     # the data at fp32 precision (two runs can differ by ~1e-3), and a note says so.
     sensitivity: Optional[float] = None
+    # how: "first-order" (from every eigenvector of the solve), "first-order (guard vectors)" (an
+    # iterative solve's), "second solve" (measured: sensitivity="always"), None
+    sensitivity_by: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,7 +23,7 @@ def test_keep_tokens_and_sensitivity_options(cache, data, tmp_path, capsys):
     assert 2 * 64 < rep["num_tokens"] <= 2 * 128
     for name, m in rep["modules"].items():
         assert (m["solver"] == "tokens-fp64") == name.endswith("down_proj"), name
-        assert (m["sensitivity"] is not None) == name.endswith("down_proj"), name
+        assert m["sensitivity"] is not None and m["sensitivity_by"] == "first-order", name  # estimated, all
     assert rep["lora_da_config"]["keep_tokens"] == "auto"
     rc, _, err = run(args(data, tmp_path / "always", "--quiet", "--keep-tokens", "always"), capsys)
     assert rc == 0, err

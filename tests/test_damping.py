@@ -72,6 +72,9 @@ def test_both_solvers_use_the_rule(solver):
     res = solve_lora_da(stats, LoraDAConfig(rank=4, population_size=1000, solver=solver))
     want = input_damping(torch.stack([stats.dense_Z(g) for g in ("g0", "g1")]), 1e-6, 1.0, ["g0", "g1"])
     assert want == [pytest.approx(1e-6), pytest.approx(1e-5)]
-    assert res.reports["g0.m"].damping == pytest.approx(1e-6) and not res.reports["g0.m"].notes
+    assert res.reports["g0.m"].damping == pytest.approx(1e-6)
+    # no damping note; G is random, not in the range of this singular Z, so the (default) sensitivity
+    # note is all there is: the null space's rounding is amplified by 1/damping
+    assert all(n.startswith("not determined by the data") for n in res.reports["g0.m"].notes)
     assert res.reports["g1.m"].damping == pytest.approx(1e-5)
     assert damping_note(1e-6, 1e-5) in res.reports["g1.m"].notes

@@ -108,6 +108,14 @@ def test_sensitivity_flags_what_the_data_does_not_determine():
     flagged = {n for n, r in dense.reports.items() if any("not determined by the data" in x for x in r.notes)}
     assert flagged == {n for n, v in sens.items() if v > SENSITIVITY_FLAG}
     assert any(n.endswith("o_proj") for n in flagged)
-    # the default measures the token path only
+    # the default estimates every module to first order, without a second solve: the same modules flagged,
+    # the estimates within the table's ratio of the measured changes
     default = run_lora_da(model, many, LoraDAConfig(rank=4, population_size=1000), progress=False)
-    assert all(r.sensitivity is None for r in default.reports.values())
+    lo, hi = TOL["first_order_sensitivity_ratio"]
+    for n, r in default.reports.items():
+        assert r.sensitivity_by == "first-order" and dense.reports[n].sensitivity_by == "second solve", n
+        if sens[n] > 1e-5:
+            assert lo <= r.sensitivity / sens[n] <= hi, (n, r.sensitivity, sens[n])
+    assert {n for n, r in default.reports.items() if any("not determined by the data" in x for x in r.notes)} == flagged
+    never = run_lora_da(model, many, LoraDAConfig(rank=4, population_size=1000, sensitivity="never"), progress=False)
+    assert all(r.sensitivity is None for r in never.reports.values())

@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the same result whatever the batch size or number of ranks): auto for the input groups "
                          "with at most twice as many tokens as inputs (default: %(default)s)")
     da.add_argument("--sensitivity", choices=("auto", "always", "never"), default="auto",
-                    help="measure how much each module's adapter moves when the statistics move by one fp32 ulp, "
-                         "and flag the modules the data does not determine: auto for the groups solved through "
-                         "their tokens, always for every group (solved twice) (default: %(default)s)")
+                    help="how much each module's adapter moves when the statistics move by one fp32 ulp, and flag "
+                         "the modules the data does not determine: auto estimates it for every module from the "
+                         "solve itself, always measures it by solving every module twice (default: %(default)s)")
     da.add_argument("--seed", type=_seed, default=0,
                     help="seed of the iterative eigensolver's start vectors; the subspace does not depend on it "
                          "(default: %(default)s)")

@@ -64,7 +64,9 @@ from ..config import LoraDAConfig
 from ..errors import ConfigError, NumericalError
 from ..fisher import FisherStatistics
 from ..results import LoraDAResult, LoraFactors, ModuleReport
+from ..triangle import unpack_symmetric
 from .factor import cholesky_ex, spd_inverse
+from .first_order import first_order_change, one_ulp, ulp_step
 from .lobpcg import (SIGMA2_TOL, flops_per_iteration, lobpcg, orthonormalize, rayleigh_ritz_small, sigma_from_basis,
                      solve_dense, zinv_norm)
 from .operator import _mm, _Operator
@@ -253,9 +255,9 @@ def _group_bytes(stats: FisherStatistics, names: Sequence[str], d_in: int, k: in
     """Working memory of one group: its symmetrised ``Z`` (factorised in place) and, with the explicit
     inverse, ``Zd^{-1}`` and the blocked inverse's ``L^{-1}``; per module ``G`` in the working dtype and
     the iteration blocks (three bases ``[S, A S]`` and ``Zd^{-1} S`` of at most ``3 k`` columns)."""
-    per_group = (3 if explicit_inverse else 1) * d_in * d_in
-    per_mod = sum(stats.modules[m].d_out * d_in + 30 * k * d_in + 4 * k * stats.modules[m].d_out
-                  for m in names)
+    per_group = (4 if explicit_inverse else 2) * d_in * d_in  # (+ the one-ulp move of Z, for the sensitivity)
+    per_mod = sum(2 * stats.modules[m].d_out * d_in + 30 * k * d_in + 4 * k * stats.modules[m].d_out
+                  for m in names)  # (G, and its one-ulp move while the sensitivity is estimated)
     return itemsize * (per_group + per_mod)
 
 
@@ -349,6 +351,45 @@ def _sym_stack(stats: FisherStatistics, chunk: List[str], dt: torch.dtype, devic
     return Zs
 
 
+def _ulp_stack(stats: FisherStatistics, chunk: List[str], dt: torch.dtype, device: torch.device, seed: int
+               ) -> torch.Tensor:
+    """``one_ulp(Z_g) - Z_g`` of the groups of ``chunk`` (the packed triangle moved, then mirrored), stacked."""
+    d = stats.z_dim(chunk[0])
+    out = torch.empty((len(chunk), d, d), dtype=dt, device=device)
+    for i, g in enumerate(chunk):
+        z = stats.Z[g]  # (the difference of neighbouring floats is exact in their own dtype)
+        unpack_symmetric(one_ulp(z, f"Z.{g}", seed) - z.to(torch.float64 if z.dtype != torch.float32 else z.dtype),
+                         dt, device, out=out[i])
+    return out
+
+
+def _estimator(stats: FisherStatistics, names: List[str], op: _Operator, bprime: Optional[torch.Tensor],
+               dZs: torch.Tensor, cfg: LoraDAConfig, dt: torch.dtype):
+    """The ``estimate`` of :func:`_solve_stack` for the stack ``names``, all its items at once (the
+    products with ``Zd^{-1}`` side by side, as the eigensolver's): the one-ulp moves of ``Z`` (``dZs``, per
+    factor of the chunk) and of each ``G`` (drawn as ``sensitivity="always"`` draws them; one ``G``-sized
+    stack while the stack is estimated)."""
+    seed = cfg.seed + 1
+
+    def estimate(pos: torch.Tensor, Vr, theta_r, W, theta_w, galerkin: bool = False) -> torch.Tensor:
+        o = op if pos.numel() == len(op) else op.subset(pos)
+        G, u = o.G, o.u
+        dGu = torch.stack([ulp_step(stats.modules[names[p]].G, f"G.{names[p]}", seed, dt) for p in pos.tolist()])
+        dGu = dGu.to(G.device).mul_(u[..., None])  # diag(u) dG
+        fidx = o.idx.tolist()
+        b = None if bprime is None else bprime[pos]
+        return first_order_change(
+            zinv=lambda X: o.zinv(X, count=False),
+            gtu_mul=lambda Y: _mm(G.transpose(-1, -2), u[..., None] * Y),
+            ug_mul=lambda X: u[..., None] * _mm(G, X),
+            dz_mul=lambda X: torch.stack([dZs[f] @ X[j] for j, f in enumerate(fidx)]),
+            dgu_mul=lambda Y: _mm(dGu.transpose(-1, -2), Y), dgu_t_mul=lambda X: _mm(dGu, X),
+            a=cfg.alpha, b=b, Vr=Vr.to(dt), theta_r=theta_r, W=W.to(dt), theta_w=theta_w,
+            galerkin=galerkin).cpu()
+
+    return estimate
+
+
 # float32 is used for a chunk only when every cond(Zd) * eps32 is at most this
 FLOAT32_COND_EPS = 1e-4
 
@@ -396,6 +437,8 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
             chunk_notes += [note] if note else []
         # the damping rule (steps.input_damping, float64, from the statistics alone), then the factors
         Zs = _sym_stack(stats, chunk, dt, device)
+        # the one-ulp moves of the groups' Z, for the first-order sensitivity (what "always" applies)
+        dZs = _ulp_stack(stats, chunk, dt, device, cfg.seed + 1) if cfg.sensitivity == "auto" else None
         chosen = input_damping(Zs, cfg.damping, cfg.max_damping, chunk, symmetric=True)
         Zs.diagonal(dim1=-2, dim2=-1).add_(torch.tensor(chosen, dtype=dt, device=device)[:, None] - cfg.damping)
         L, more = cholesky_stack(Zs, cfg.damping, cfg.max_damping, chunk)
@@ -443,8 +486,11 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
             start = None
             if opt.start is not None and all(m in opt.start for m in names):
                 start = torch.stack([opt.start[m].to(device=device, dtype=dt) for m in names])
+            estimate = None
+            if dZs is not None:
+                estimate = _estimator(stats, names, op, bprime, dZs, cfg, dt)
             sol = _solve_stack(op, cfg.alpha, bprime, r, opt, gen, None if znorm is None else znorm[idx],
-                               exact_factors, start)
+                               exact_factors, start, estimate)
         with _phase("factors", device, t):
             for n in sol.notes:
                 n.extend(chunk_notes)
@@ -477,22 +523,32 @@ class _StackSolution:
     notes: List[List[str]]
     iters: List[int]
     sigma_by: List[str]
+    sensitivity: Optional[torch.Tensor] = None  # [b] float64 first-order one-ulp sensitivity (host)
+    sensitivity_by: Optional[List[str]] = None
 
 
 def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r: int,
                  opt: BatchedOptions, gen: torch.Generator, zinv_norm: Optional[torch.Tensor] = None,
-                 exact_factors=None, start: Optional[torch.Tensor] = None) -> _StackSolution:
+                 exact_factors=None, start: Optional[torch.Tensor] = None, estimate=None) -> _StackSolution:
     """Ritz vectors, eigenvalues, residuals and ``sigma^2`` of a stack; ``exact_factors(positions)``
     gives float64 Cholesky factors for the dense fallback when the working dtype is float32; ``start``
-    (``[b, d_in, r]``) the first ``r`` columns of the eigensolver's starting block."""
+    (``[b, d_in, r]``) the first ``r`` columns of the eigensolver's starting block; ``estimate(pos, Vr,
+    theta_r, W, theta_w, rest_gap, sigma)``: the first-order one-ulp sensitivities of the stack's
+    items ``pos`` (:mod:`.first_order`), from every eigenvector (dense) or the guard Ritz vectors."""
     b, d_out, n = op.G.shape
     k, kw, kp = opt.block(r)
     dt = op.G.dtype
     notes: List[List[str]] = [[] for _ in range(b)]
     if n <= opt.dense_below or n < 5 * k:
-        A, theta, res, anorm, sigma2 = solve_dense(op, alpha, bprime, r, r + 1)
+        full: list = []
+        A, theta, res, anorm, sigma2 = solve_dense(op, alpha, bprime, r, r + 1, full=full)
+        sens, sens_by = None, None
+        if estimate is not None:
+            w, V = full
+            sens = estimate(torch.arange(b, device=op.G.device), V[..., :r], w[:, :r], V[..., r:], w[:, r:])
+            sens_by = ["first-order"] * b
         return _StackSolution(A.to(dt), theta.cpu(), res.cpu(), anorm.cpu(), sigma2.cpu(), [SOLVER_DENSE] * b,
-                              notes, [0] * b, ["dense"] * b)
+                              notes, [0] * b, ["dense"] * b, sens, sens_by)
 
     eps = torch.finfo(dt).eps
     abs_tol = 1e3 * eps if dt == torch.float64 else 20 * eps
@@ -551,12 +607,25 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("stack %s x %s x %s: sigma refined for %d modules, %s iterations", b, n, d_out,
                           redo.numel(), ev.iters.tolist())
+    sens, sens_by = None, None
+    if estimate is not None:  # the guard Ritz vectors X[:, :, r:k] and a bound on the rest
+        th = eig.theta.to(op.G.device, torch.float64)
+        sens = estimate(torch.arange(b, device=op.G.device), A, th[:, :r], eig.X[..., r:k], th[:, r:k], True)
+        sens_by = ["first-order (guard vectors)"] * b
     bad = torch.nonzero(~conv).flatten()
     if bad.numel():
         dpos = bad.to(op.G.device)
         sub = op.subset(dpos)
         L64 = exact_factors(dpos) if exact_factors is not None and dt != torch.float64 else None
-        Ad, thd, resd, anormd, s2d = solve_dense(sub, alpha, None if bprime is None else bprime[dpos], r, k, L64)
+        full = []
+        Ad, thd, resd, anormd, s2d = solve_dense(sub, alpha, None if bprime is None else bprime[dpos], r, k, L64,
+                                                 full=full)
+        if estimate is not None:
+            w, V = full
+            sens = sens.clone()
+            sens[bad] = estimate(dpos, V[..., :r].to(dt), w[:, :r], V[..., r:].to(dt), w[:, r:])
+            for i in bad.tolist():
+                sens_by[i] = "first-order"
         A = A.clone()
         A[dpos] = Ad.to(dt)
         kk = thd.shape[-1]
@@ -567,7 +636,7 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
             solver[i] = SOLVER_FALLBACK
             sigma_by[i] = "dense"
             notes[i].append(f"LOBPCG did not converge in {iters[i]} iterations: dense float64 eigendecomposition")
-    return _StackSolution(A, theta, res, anorm, sigma2, solver, notes, iters, sigma_by)
+    return _StackSolution(A, theta, res, anorm, sigma2, solver, notes, iters, sigma_by, sens, sens_by)
 
 
 def _emit(stats: FisherStatistics, cfg: LoraDAConfig, names: List[str], mods: Dict[str, _Module], op: _Operator,
@@ -609,5 +678,7 @@ def _emit(stats: FisherStatistics, cfg: LoraDAConfig, names: List[str], mods: Di
         reports[m] = ModuleReport(
             d_in=st.d_in, d_out=st.d_out, group=mods[m].group, damping=lam, output_damping=mods[m].lam_y,
             sigma=sig[i], eigenvalues=w, eigengap=gap, residual=resid[i], solver=sol.solver[i],
-            update_norm=upd[i], notes=notes)
+            update_norm=upd[i], notes=notes,
+            sensitivity=None if sol.sensitivity is None else float(sol.sensitivity[i]),
+            sensitivity_by=None if sol.sensitivity_by is None else sol.sensitivity_by[i])
 

@@ -439,10 +439,11 @@ def sigma_from_basis(S: torch.Tensor, AS: torch.Tensor, YS: torch.Tensor, bprime
 
 
 def solve_dense(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r: int, k: int,
-                L: Optional[torch.Tensor] = None
+                L: Optional[torch.Tensor] = None, full: Optional[list] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense float64 solve of a stack: ``(A, theta[:k], res, anorm, sigma2)``; ``L``: float64 factors
-    (default: the operator's, upcast)."""
+    (default: the operator's, upcast); ``full``: a list that receives every eigenvalue and eigenvector
+    (``w``, ``V``)."""
     L = op.L.double() if L is None else L
     D = -torch.cholesky_solve(op.G.double().transpose(-1, -2) * op.u.double()[:, None, :], L)
     DDt = D @ D.transpose(-1, -2)
@@ -455,6 +456,8 @@ def solve_dense(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r: 
         M = M + bprime.double()[:, None, None] * torch.cholesky_inverse(L)
     M = 0.5 * (M + M.transpose(-1, -2))
     w, V = torch.linalg.eigh(M)
+    if full is not None:
+        full.extend([w, V])
     A = V[..., :r]
     res = torch.linalg.vector_norm(M @ A - A * w[:, None, :r], dim=-2).amax(-1)
     anorm = w.abs().amax(-1)

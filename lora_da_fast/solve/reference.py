@@ -9,6 +9,8 @@ from ..config import LoraDAConfig
 from ..errors import NumericalError
 from ..fisher import FisherStatistics
 from ..results import LoraDAResult, ModuleReport
+from ..triangle import unpack_symmetric
+from .first_order import first_order_change, one_ulp, ulp_step
 from .steps import (canonical_signs, cholesky_with_retry, damping_note, fisher_gradient, guidance, output_damping,
                     output_inverse, to_factors)
 
@@ -36,6 +38,10 @@ def solve_reference(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool =
             D = D / sigma
             M = guidance(D, Zinv, u, sigma, cfg.alpha, cfg.beta, cfg.population_size)
             w, V = torch.linalg.eigh(M)
+            sens = None
+            if cfg.sensitivity == "auto":
+                sens = _first_order(stats, name, group, Zinv if Zinv is not None else torch.cholesky_inverse(L),
+                                    u, w * sigma ** 2, V, cfg)
             A0 = canonical_signs(V[:, :r])
             theta = w[:r]
             resid = torch.linalg.vector_norm(M @ A0 - A0 * theta, dim=0).max()
@@ -51,8 +57,30 @@ def solve_reference(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool =
                 sigma=float(sigma), eigenvalues=[float(v) for v in w[: r + 1]], eigengap=gap,
                 residual=float(resid / mnorm), solver="dense-fp64",
                 update_norm=float(torch.linalg.matrix_norm(f.lora_B.double() @ f.lora_A.double())),
-                notes=notes)
+                notes=notes, sensitivity=sens, sensitivity_by=None if sens is None else "first-order")
             bar.update(1)
     bar.close()
     return LoraDAResult({n: result[n] for n in stats.modules if n in result},
                         {n: result.reports[n] for n in stats.modules if n in result.reports})
+
+
+def _first_order(stats: FisherStatistics, name: str, group: str, Zinv: torch.Tensor, u: torch.Tensor,
+                 w: torch.Tensor, V: torch.Tensor, cfg: LoraDAConfig) -> float:
+    """The first-order one-ulp sensitivity of one module (:mod:`.first_order`) from every eigenvector of
+    ``M' = sigma^2 M`` (``w``, ``V``)."""
+    r, seed = cfg.rank, cfg.seed + 1
+    dZ = (unpack_symmetric(one_ulp(stats.Z[group], f"Z.{group}", seed), torch.float64)
+          - unpack_symmetric(stats.Z[group], torch.float64))[None]
+    G = stats.modules[name].G.double()[None]
+    u = u.double()[None]
+    dGu = ulp_step(stats.modules[name].G, f"G.{name}", seed)[None] * u[..., None]  # diag(u) dG
+    b = None
+    if cfg.beta > 0:
+        b = torch.tensor([cfg.beta * float(u.sum()) / cfg.population_size], dtype=torch.float64)
+    Zi = Zinv[None]
+    got = first_order_change(
+        zinv=lambda X: Zi @ X, gtu_mul=lambda Y: G.transpose(-1, -2) @ (u[..., None] * Y),
+        ug_mul=lambda X: u[..., None] * (G @ X), dz_mul=lambda X: dZ @ X,
+        dgu_mul=lambda Y: dGu.transpose(-1, -2) @ Y, dgu_t_mul=lambda X: dGu @ X,
+        a=cfg.alpha, b=b, Vr=V[None, :, :r], theta_r=w[None, :r], W=V[None, :, r:], theta_w=w[None, r:])
+    return float(got[0])

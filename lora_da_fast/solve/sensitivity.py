@@ -1,12 +1,12 @@
 """Is a module's result determined by the data at fp32 precision? (docs/algorithm.md, "Is the result
-determined by the data?") The statistics are moved by one fp32 ulp, every entry up or down at random, the
-same modules are solved again the same way, and the relative change of ``lora_B @ lora_A`` is reported
-(:attr:`~lora_da_fast.results.ModuleReport.sensitivity`); above :data:`SENSITIVITY_FLAG` (1e-4) a note says
-that the module's subspace is not determined by the data: two runs that differ only in rounding (batch
-size, number of ranks, backend) can give visibly different adapters for it."""
+determined by the data?") How far ``lora_B @ lora_A`` moves when every entry of the statistics moves by
+one fp32 ulp (:attr:`~lora_da_fast.results.ModuleReport.sensitivity`): estimated to first order by the
+solvers (default, :mod:`.first_order`) or measured by a second solve (``sensitivity="always"``). Above
+:data:`SENSITIVITY_FLAG` (1e-4) a note says that the module's subspace is not determined by the data: two
+runs that differ only in rounding (batch size, number of ranks, backend) can give visibly different
+adapters for it."""
 from __future__ import annotations
 
-import zlib
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -16,6 +16,7 @@ from ..errors import LoraDAError
 from ..fisher import FisherStatistics, ModuleStatistics
 from ..results import LoraDAResult
 from ..tokens import TokenStatistics
+from .first_order import one_ulp
 from .token_space import solve_token_groups
 
 # Flag a module whose product moves by more than this for one ulp. Two runs differ by more than one ulp:
@@ -23,31 +24,6 @@ from .token_space import solve_token_groups
 # Llama: o_proj's one-ulp sensitivity 4-6e-4, its batch-size-1 vs -3 difference 1.3-2.9e-3), so this
 # flags the modules that can differ by ~1e-3 between runs.
 SENSITIVITY_FLAG = 1e-4
-ULP32 = 2.0 ** -23  # one fp32 ulp, relative (at a mantissa of 1)
-
-
-def one_ulp(t: Optional[torch.Tensor], name: str, seed: int, same_rows: bool = False) -> Optional[torch.Tensor]:
-    """``t`` with every entry moved by one fp32 ulp, up or down at random (the signs drawn from ``seed``
-    and ``name``, so a tensor gets the same perturbation whichever modules are solved with it). fp32
-    tensors move to their neighbouring fp32 numbers; others (float64 or half-precision tokens) by the
-    relative amount ``2^-23``, in float64. ``same_rows``: equal rows move alike (the inputs of tokens
-    with the same prefix, e.g. every example's first token, are equal in every run: independent
-    perturbations would invent directions the data never has)."""
-    if t is None:
-        return None
-    gen = torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(name.encode())) % (2 ** 63))
-    if same_rows and t.dim() == 2 and t.shape[0] > 0:
-        rows, inverse = torch.unique(t.cpu(), dim=0, return_inverse=True)
-        up = torch.randint(0, 2, rows.shape, generator=gen, dtype=torch.bool)[inverse].to(t.device)
-    else:
-        up = torch.randint(0, 2, t.shape, generator=gen, dtype=torch.bool).to(t.device)
-    if t.dtype == torch.float32:
-        inf = torch.tensor(float("inf"), dtype=t.dtype, device=t.device)
-        return torch.nextafter(t, torch.where(up, inf, -inf))
-    t64 = t.to(torch.float64)
-    return t64 * (1 + ULP32 * (up.to(torch.float64) * 2 - 1))
-
-
 def perturbed(stats: FisherStatistics, names: Sequence[str], token_groups: Sequence[str], seed: int
               ) -> FisherStatistics:
     """The statistics of the modules ``names``, every entry moved by one fp32 ulp (:func:`one_ulp`): ``Z``,
@@ -69,18 +45,32 @@ def perturbed(stats: FisherStatistics, names: Sequence[str], token_groups: Seque
 
 def measure_sensitivity(stats: FisherStatistics, cfg: LoraDAConfig, res: LoraDAResult, token_groups: List[str],
                         solve_factors: Callable[..., LoraDAResult], progress: bool = False) -> None:
-    """Fill ``res.reports[m].sensitivity`` (and a note above :data:`SENSITIVITY_FLAG`) for the modules
-    ``cfg.sensitivity`` asks for: those of ``token_groups`` (solved through their tokens), and with
-    ``"always"`` the others too, solved again with ``solve_factors(stats, cfg, start=...)`` (the
-    input-factor solver, its eigensolver started from the subspaces being measured: measured on SmolLM2,
-    the second solve then costs 0.76x the first instead of 0.98x; the factorisations and the modules that
-    do move remain)."""
+    """Notes on the modules that the data do not determine at fp32 precision (sensitivity above
+    :data:`SENSITIVITY_FLAG`), per ``cfg.sensitivity``:
+
+    - ``"auto"``: the solvers have estimated every module's sensitivity to first order
+      (:mod:`.first_order`, ``report.sensitivity_by``): exact to first order where every eigenvector was
+      at hand (the token path, dense solves); from the guard vectors of an iterative solve and a
+      two-dimensional Krylov correction for the rest. Nothing is solved again.
+    - ``"always"``: every module is solved again on statistics moved by one ulp (:func:`perturbed`): the
+      token groups through their tokens, the others with ``solve_factors(stats, cfg, start=...)`` (the
+      input-factor solver, started from the subspaces being measured: 0.76x the first solve on SmolLM2
+      instead of 0.98x), and the change measured.
+    """
     if cfg.sensitivity == "never":
+        return
+    if cfg.sensitivity == "auto":
+        for rep in res.reports.values():
+            sens = rep.sensitivity
+            if sens is None or not sens > SENSITIVITY_FLAG:
+                continue
+            rep.notes.append(f"not determined by the data at fp32 precision: a one-ulp change of the statistics "
+                             f"moves lora_B @ lora_A by {sens:.1e} (first-order estimate)")
         return
     members = stats.groups()
     tok = [m for g in token_groups for m in members[g]]
     solved = set(tok)
-    dense = [m for m in stats.modules if m not in solved] if cfg.sensitivity == "always" else []
+    dense = [m for m in stats.modules if m not in solved]
     if not tok and not dense:
         return
     seed = cfg.seed + 1
@@ -109,7 +99,7 @@ def measure_sensitivity(stats: FisherStatistics, cfg: LoraDAConfig, res: LoraDAR
                 sens = float("inf")
         else:
             sens = float("inf")
-        rep.sensitivity = sens
+        rep.sensitivity, rep.sensitivity_by = sens, "second solve"
         if sens > SENSITIVITY_FLAG:
             why = f"a one-ulp change of the statistics moves lora_B @ lora_A by {sens:.1e}" if failed is None \
                 else f"a one-ulp change of the statistics makes the solve fail ({failed})"

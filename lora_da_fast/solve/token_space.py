@@ -36,6 +36,7 @@ from ..config import LoraDAConfig
 from ..errors import NumericalError
 from ..fisher import FisherStatistics, ModuleStatistics
 from ..results import LoraDAResult, LoraFactors, ModuleReport
+from .first_order import first_order_change, one_ulp, ulp_step
 from .steps import output_damping, output_inverse, tie_note
 
 SOLVER_TOKENS = "tokens-fp64"
@@ -73,12 +74,14 @@ class TokenBasis:
 
 
 def solve_module_tokens(basis: TokenBasis, Lq: torch.Tensor, Zq_inv: Optional[torch.Tensor], delta: torch.Tensor,
-                        u: torch.Tensor, num_examples: int, lam: float, cfg: LoraDAConfig
-                        ) -> Tuple[LoraFactors, dict]:
+                        u: torch.Tensor, num_examples: int, lam: float, cfg: LoraDAConfig,
+                        moves: Optional["TokenMoves"] = None, module: str = "") -> Tuple[LoraFactors, dict]:
     """One module through its group's :class:`TokenBasis`: ``Lq`` is the Cholesky factor of
     ``Zq = lam I + Zc / T``, ``Zq_inv`` its inverse (when ``beta > 0``). Returns the factors (fp32, PEFT
     layout) and the report's numbers (``sigma``, ``eigenvalues``, ``eigengap``, ``residual``,
-    ``update_norm``), the same quantities :func:`~.reference.solve_reference` reports."""
+    ``update_norm``), the same quantities :func:`~.reference.solve_reference` reports. With ``moves``
+    (:class:`TokenMoves` of the group): also the first-order one-ulp sensitivity of ``module``, as
+    ``"sensitivity"``."""
     r = cfg.rank
     u = u.to(torch.float64)
     Gq = basis.project_gradient(delta, num_examples)  # [k, d_out]
@@ -122,8 +125,81 @@ def solve_module_tokens(basis: TokenBasis, Lq: torch.Tensor, Zq_inv: Optional[to
     lora_A = (A0.transpose(-1, -2) * scale).float().contiguous()
     lora_B = ((Dq.transpose(-1, -2) @ Vr) * scale).float().contiguous()  # (A0^T Dn)^T = Dqn^T Vr
     upd = float(torch.linalg.matrix_norm(lora_B.double() @ lora_A.double()))
-    return LoraFactors(lora_A, lora_B), {"sigma": float(sigma), "eigenvalues": w_r1, "eigengap": gap,
-                                         "residual": float(resid) / mnorm, "update_norm": upd}
+    out = {"sigma": float(sigma), "eigenvalues": w_r1, "eigengap": gap, "residual": float(resid) / mnorm,
+           "update_norm": upd}
+    if moves is not None:
+        out["sensitivity"] = _first_order_tokens(basis, Zq_inv if Zq_inv is not None else torch.cholesky_inverse(Lq),
+                                                 Gq, delta, u, num_examples, lam, float(sigma), w, Vm, cfg, moves,
+                                                 module)
+    return LoraFactors(lora_A, lora_B), out
+
+
+class TokenMoves:
+    """The one-ulp moves of a group's tokens (what ``sensitivity="always"`` applies before its second
+    solve): ``dX`` (float64, equal rows moved alike), and per module the move of ``Delta``."""
+
+    def __init__(self, group: str, X: torch.Tensor, selected: Optional[torch.Tensor], seed: int):
+        self.group, self.seed = group, seed
+        self.dX = one_ulp(X, f"X.{group}", seed, same_rows=True).to(torch.float64) - X.to(torch.float64)
+        self.sel = None if selected is None else selected.to(X.device)[:, None].to(torch.float64)
+
+    def delta_move(self, module: str, delta: torch.Tensor) -> torch.Tensor:
+        return ulp_step(delta, f"D.{module}", self.seed)
+
+
+def _first_order_tokens(basis: TokenBasis, Zq_inv: torch.Tensor, Gq: torch.Tensor, delta: torch.Tensor, u: torch.Tensor,
+                        num_examples: int, lam: float, sigma: float, w: torch.Tensor, Vm: torch.Tensor,
+                        cfg: LoraDAConfig, moves: TokenMoves, module: str) -> float:
+    """The first-order one-ulp sensitivity of one module solved through its tokens (:mod:`.first_order`),
+    for the moves of its tokens ``X`` and ``Delta``. In ``d_in`` space: ``Z`` and ``G`` move with the
+    tokens (``dZ = (dX^T P X + X^T P dX) / T``, ``dG^T = (dX^T Delta + X^T dDelta) / n``), which also
+    tilts the inputs' span; ``M'`` has the eigenvectors ``V Vm`` in the span and one eigenvalue (``b /
+    lam``, or 0) on its complement, so the sum over every eigenvector is exact. Every product has ``r``
+    columns: ``O(T (d_in + d_out) r)``."""
+    r = cfg.rank
+    V, US, T, n = basis.V, basis.U * basis.S, basis.num_tokens, num_examples
+    dX, sel = moves.dX, moves.sel
+    Dl = delta.to(torch.float64)
+    dDl = moves.delta_move(module, delta)
+
+    def X_mul(x):  # X x = U S V^T x
+        return US @ (V.transpose(-1, -2) @ x)
+
+    def Xt_mul(y):  # X^T y = V (U S)^T y
+        return V @ (US.transpose(-1, -2) @ y)
+
+    def P(y):
+        return y if sel is None else y * sel
+
+    def zinv(x):  # Zd^{-1} = V Zq^{-1} V^T + (I - V V^T) / lam
+        c = V.transpose(-1, -2) @ x
+        return V @ (Zq_inv @ c - c / lam) + x / lam
+
+    def dz_mul(x):
+        return (dX.transpose(-1, -2) @ P(X_mul(x)) + Xt_mul(P(dX @ x))) / T
+
+    def dgu_mul(y):  # dG^T diag(u) y
+        uy = u[:, None] * y
+        return (dX.transpose(-1, -2) @ (Dl @ uy) + Xt_mul(dDl @ uy)) / n
+
+    def dgu_t_mul(x):  # diag(u) dG x
+        return u[:, None] * ((Dl.transpose(-1, -2) @ (dX @ x) + dDl.transpose(-1, -2) @ X_mul(x)) / n)
+
+    def one(f):  # the [1, ...] stack of first_order_change
+        return lambda X: f(X[0])[None]
+
+    b, outside = None, torch.zeros(1, dtype=torch.float64)
+    if cfg.beta > 0:
+        bval = cfg.beta * float(u.sum()) / cfg.population_size
+        b, outside = torch.tensor([bval], dtype=torch.float64), torch.tensor([bval / lam], dtype=torch.float64)
+    s2 = sigma * sigma
+    Wv = V @ Vm
+    got = first_order_change(
+        zinv=one(zinv), gtu_mul=one(lambda y: V @ (Gq @ (u[:, None] * y))),
+        ug_mul=one(lambda x: u[:, None] * (Gq.transpose(-1, -2) @ (V.transpose(-1, -2) @ x))), dz_mul=one(dz_mul), dgu_mul=one(dgu_mul), dgu_t_mul=one(dgu_t_mul), a=cfg.alpha, b=b,
+        Vr=Wv[None, :, :r], theta_r=(w[None, :r] * s2), W=Wv[None, :, r:], theta_w=(w[None, r:] * s2),
+        rest_value=outside if basis.k < basis.d_in else None)
+    return float(got[0])
 
 
 def token_output_moments(delta: torch.Tensor, selected: Optional[torch.Tensor], example: torch.Tensor,
@@ -169,11 +245,12 @@ def solve_group_tokens(group: str, X: torch.Tensor, selected: Optional[torch.Ten
         raise NumericalError(f"the float64 Cholesky factorisation of the token-space input factor of {group} "
                              f"failed (damping {lam:g}): the inputs are not finite or too large")
     Zq_inv = torch.cholesky_inverse(Lq) if cfg.beta > 0 else None
+    moves = TokenMoves(group, X, selected, cfg.seed + 1) if cfg.sensitivity == "auto" else None
     factors: Dict[str, LoraFactors] = {}
     reports: Dict[str, ModuleReport] = {}
     for name, delta in deltas.items():
         try:
-            f, rep = solve_module_tokens(basis, Lq, Zq_inv, delta, us[name], num_examples, lam, cfg)
+            f, rep = solve_module_tokens(basis, Lq, Zq_inv, delta, us[name], num_examples, lam, cfg, moves, name)
         except NumericalError as exc:
             raise NumericalError(f"module {name}: {exc}") from None
         factors[name] = f
@@ -181,6 +258,8 @@ def solve_group_tokens(group: str, X: torch.Tensor, selected: Optional[torch.Ten
         tie = tie_note(rep["eigenvalues"], cfg.rank)  # as the batched solver says it
         if tie:
             why.append(tie)
+        if "sensitivity" in rep:
+            rep["sensitivity_by"] = "first-order"
         reports[name] = ModuleReport(d_in=int(X.shape[1]), d_out=int(delta.shape[1]), group=group, damping=lam,
                                      output_damping=lam_ys[name], solver=SOLVER_TOKENS, notes=why, **rep)
     return factors, reports
