@@ -80,9 +80,18 @@ def test_only_marked_temporaries_of_dead_runs_are_removed(tmp_path):
         mine = fileio.make_temp_dir(str(out))  # this process's own: kept
         copied = tmp_path / ".s.st.lora-da-tmp-0123456789abcdef"  # a marker whose token is not its name's
         shutil.copytree(stale, copied)
+        # a run killed between creating its folder and writing the marker (or between removing the marker
+        # and the folder) leaves it empty: removed; the same name holding anything at all, or another name: kept
+        empty = tmp_path / ".adapter.lora-da-tmp-00112233445566ff"
+        empty.mkdir()
+        not_empty = tmp_path / ".adapter.lora-da-tmp-aabbccddeeff0011"
+        not_empty.mkdir()
+        (not_empty / "x").write_text("something")
+        other_name = tmp_path / ".adapter.lora-da-tmp-notours"
+        other_name.mkdir()
         removed = output.remove_stale_temporaries(str(out), str(stats))
-        assert sorted(removed) == sorted([stale, reused, recycled])
-        for kept in (alive, other_host, mine, copied):
+        assert sorted(removed) == sorted([stale, reused, recycled, str(empty)])
+        for kept in (alive, other_host, mine, copied, not_empty, other_name):
             assert os.path.isdir(kept), kept
     finally:
         sleeper.kill()

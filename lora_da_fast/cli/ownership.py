@@ -9,7 +9,9 @@ markers (:func:`read_owner`) and removes such a folder (:func:`remove_stale_temp
 marker matches the folder's name and its process is certainly gone (:func:`owner_gone`): same host, and
 another boot, or the pid not alive, or alive but started at another time (a reused pid). Nothing is ever
 removed or renamed by a name pattern alone, so a user's ``adapter.old-2024`` or ``stats.tmp-2023.txt`` is
-never touched.
+never touched; the one exception holds nothing: an *empty* folder named exactly as our temporaries
+(``.NAME.lora-da-tmp-`` and 16 hex digits), what a run killed between creating its folder and writing the
+marker (or between removing the marker and the folder) leaves, is removed with ``rmdir``.
 
 Renames. :func:`rename_noreplace` and :func:`exchange` use Linux ``renameat2`` (``RENAME_NOREPLACE``,
 ``RENAME_EXCHANGE``) where the system and file system offer it; otherwise :func:`rename_noreplace` falls
@@ -23,6 +25,7 @@ import ctypes.util
 import errno
 import json
 import os
+import re
 import shutil
 from typing import Callable, List, Optional
 
@@ -94,11 +97,36 @@ def stale_temporaries(folder: str) -> List[str]:
     return out
 
 
-def remove_stale_temporaries(folder: str, restore: Optional[Callable[[str, dict], None]] = None) -> List[str]:
-    """Remove the temporaries of dead runs in ``folder`` (see :func:`stale_temporaries`); ``restore(path,
-    owner)``, if given, is called first (e.g. to put back a previous adapter a killed run had moved
-    into it). Returns the folders removed."""
+_EMPTY_TMP = re.compile(r"\..+" + re.escape(TMP_TAG) + r"[0-9a-f]{16}")
+
+
+def _remove_empty_unmarked(folder: str) -> List[str]:
+    """Empty folders named as our temporaries, without a marker: a run killed between creating its folder
+    and writing the marker, or between removing the marker and the folder (its last two steps). Removed
+    with ``rmdir``, which only removes an empty folder: nothing in them can be lost. (A live run's folder
+    is empty for the microseconds between those steps; if it is removed then, that run's write fails
+    and says so.)"""
     removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if not _EMPTY_TMP.fullmatch(name) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        with contextlib.suppress(OSError):
+            if not os.listdir(path):
+                os.rmdir(path)
+                removed.append(path)
+    return removed
+
+
+def remove_stale_temporaries(folder: str, restore: Optional[Callable[[str, dict], None]] = None) -> List[str]:
+    """Remove the temporaries of dead runs in ``folder`` (see :func:`stale_temporaries`), and empty unmarked
+    ones (:func:`_remove_empty_unmarked`); ``restore(path, owner)``, if given, is called first (e.g. to put
+    back a previous adapter a killed run had moved into it). Returns the folders removed."""
+    removed = _remove_empty_unmarked(folder)
     for path in stale_temporaries(folder):
         owner = read_owner(path) or {}
         if restore is not None:
