@@ -220,8 +220,8 @@ def estimate_lora_da_initializations_for_betas(
     ``progress`` (bars); ``pass_batch_size`` (default ``max(batch_size, 8)``); ``layers_per_pass``
     (stream the model through several passes to bound memory, as :class:`LoraDAConfig`);
     ``solver`` (``"auto"``, ``"batched"`` or ``"reference"``, dense float64); ``keep_tokens`` and
-    ``sensitivity`` (as :class:`LoraDAConfig`: the exact path through the tokens, the one-ulp sensitivity
-    measurement); ``reports``: a dict that receives ``{beta: {"<module>.weight": ModuleReport}}`` (damping,
+    ``sensitivity`` (as :class:`LoraDAConfig`: the exact path through the tokens; the one-ulp sensitivity,
+    estimated by default, measured with ``"always"``); ``reports``: a dict that receives ``{beta: {"<module>.weight": ModuleReport}}`` (damping,
     eigenvalues, eigengap, sensitivity, notes: what this library's own doors report).
     """
     if reports is not None and not isinstance(reports, dict):

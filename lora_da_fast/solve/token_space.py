@@ -3,12 +3,12 @@ group's inputs are kept as a matrix ``X`` (``T_all x d_in``: one row per non-pad
 module's output gradients as ``Delta`` (``T_all x d_out``, ``delta_t = dL_i/dy_t``), everything the
 solve needs lives in the span of the rows of ``X``, and is computed there in float64.
 
-With the thin SVD ``X = U S V^T`` (``V``: ``d_in x k``, ``k = min(T_all, d_in)``, orthonormal columns)
-and ``P`` the token mask's selection (``T`` selected tokens):
+With the thin QR factorisation ``X^T = V R`` (``V``: ``d_in x k``, ``k = min(T_all, d_in)``, orthonormal
+columns spanning the inputs; ``X V = R^T``) and ``P`` the token mask's selection (``T`` selected tokens):
 
-- ``Z = X^T P X / T`` and ``G^T = X^T Delta / n`` = ``V S U^T Delta / n``: both map into ``span(V)``,
+- ``Z = X^T P X / T`` and ``G^T = X^T Delta / n`` = ``V (X V)^T Delta / n``: both map into ``span(V)``,
   and ``Zd = Z + lam I`` maps ``span(V)`` to itself, so ``Zd^{-1} G^T = V Zq^{-1} Gq`` with the
-  ``k x k`` matrix ``Zq = lam I + (U S)^T P (U S) / T`` and ``Gq = S U^T Delta / n`` (push-through).
+  ``k x k`` matrix ``Zq = lam I + (X V)^T P (X V) / T`` and ``Gq = (X V)^T Delta / n`` (push-through).
   ``D = -Zd^{-1} G^T diag(u) = V Dq``, ``Dq = -Zq^{-1} Gq diag(u)``: ``D`` lies in the span of the
   inputs by construction, and no rounding of a separately accumulated ``G`` is amplified by
   ``1 / lam`` in the directions the inputs do not reach (docs/implementation.md, "Numerics").
@@ -18,7 +18,7 @@ and ``P`` the token mask's selection (``T`` selected tokens):
   the ``r`` smallest eigenvectors of ``M`` are ``V`` times those of the ``k x k`` matrix, when
   ``k > r``.
 
-Cost: one SVD of ``X`` (``O(T_all d_in min(T_all, d_in))``) per group, per module ``S U^T Delta``
+Cost: one QR factorisation of ``X^T`` (``O(T_all d_in min(T_all, d_in))``) per group, per module ``(X V)^T Delta``
 (``k T_all d_out``), ``Dq Dq^T`` (``k^2 d_out``), the eigenvalues of the smaller of ``Dq Dq^T`` and
 ``Dq^T Dq`` for ``sigma`` (no SVD of ``Dq``) and one ``k x k`` symmetric eigendecomposition. Everything
 is float64.
@@ -43,23 +43,24 @@ SOLVER_TOKENS = "tokens-fp64"
 
 
 class TokenBasis:
-    """The float64 SVD basis of one input group's tokens: ``V`` (``d_in x k``), ``US = U S``
-    (``T_all x k``), the selected rows' Gram ``Zc = (US)^T P (US)`` (``k x k``) and the token counts."""
+    """A float64 orthonormal basis of one input group's tokens: ``V`` (``d_in x k``, ``k = min(T_all,
+    d_in)``) from the QR factorisation ``X^T = V R``, the tokens in it ``XV = X V = R^T`` (``T_all x k``),
+    the selected rows' Gram ``Zc = (XV)^T P (XV)`` (``k x k``) and the token counts. (Any orthonormal basis
+    of a space holding the inputs' span will do: the QR costs a third of the SVD it replaces.)"""
 
     def __init__(self, X: torch.Tensor, selected: Optional[torch.Tensor], num_tokens: int):
         W = X.to(torch.float64)
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        Q, R = torch.linalg.qr(W.transpose(-1, -2))  # reduced: [d_in, k], [k, T_all]
         self.d_in = int(W.shape[1])
-        self.V = Vh.transpose(-1, -2)  # [d_in, k]
-        self.U, self.S = U, S  # [T_all, k], [k]
-        US = U * S
-        Us = US if selected is None else US[selected.to(US.device)]
-        self.Zc = Us.transpose(-1, -2) @ Us  # (U S)^T P (U S) = V^T X^T P X V
+        self.V = Q  # [d_in, k]
+        self.XV = R.transpose(-1, -2)  # [T_all, k]
+        Xs = self.XV if selected is None else self.XV[selected.to(R.device)]
+        self.Zc = Xs.transpose(-1, -2) @ Xs  # V^T X^T P X V
         self.num_tokens = int(num_tokens)
 
     @property
     def k(self) -> int:
-        return int(self.S.shape[0])
+        return int(self.V.shape[1])
 
     def zq(self, lam: float) -> torch.Tensor:
         """``Zq = V^T Zd V = lam I + Zc / T`` (``k x k``, float64), symmetrised."""
@@ -69,8 +70,8 @@ class TokenBasis:
         return Zq
 
     def project_gradient(self, delta: torch.Tensor, num_examples: int) -> torch.Tensor:
-        """``Gq = V^T G^T = S U^T Delta / n`` (``k x d_out``), ``G = Delta^T X / n``."""
-        return (self.S[:, None] * (self.U.transpose(-1, -2) @ delta.to(torch.float64))) / num_examples
+        """``Gq = V^T G^T = (X V)^T Delta / n`` (``k x d_out``), ``G = Delta^T X / n``."""
+        return (self.XV.transpose(-1, -2) @ delta.to(torch.float64)) / num_examples
 
 
 def solve_module_tokens(basis: TokenBasis, Lq: torch.Tensor, Zq_inv: Optional[torch.Tensor], delta: torch.Tensor,
@@ -157,15 +158,15 @@ def _first_order_tokens(basis: TokenBasis, Zq_inv: torch.Tensor, Gq: torch.Tenso
     lam``, or 0) on its complement, so the sum over every eigenvector is exact. Every product has ``r``
     columns: ``O(T (d_in + d_out) r)``."""
     r = cfg.rank
-    V, US, T, n = basis.V, basis.U * basis.S, basis.num_tokens, num_examples
+    V, US, T, n = basis.V, basis.XV, basis.num_tokens, num_examples
     dX, sel = moves.dX, moves.sel
     Dl = delta.to(torch.float64)
     dDl = moves.delta_move(module, delta)
 
-    def X_mul(x):  # X x = U S V^T x
+    def X_mul(x):  # X x = (X V) V^T x
         return US @ (V.transpose(-1, -2) @ x)
 
-    def Xt_mul(y):  # X^T y = V (U S)^T y
+    def Xt_mul(y):  # X^T y = V (X V)^T y
         return V @ (US.transpose(-1, -2) @ y)
 
     def P(y):
