@@ -57,14 +57,18 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
 
 
 def plain_pass(model, batches, device) -> float:
-    """Forward + backward with HF's mean loss and weight gradients, over every batch."""
+    """Forward + backward with HF's mean loss and weight gradients, over every batch (a batch: the token ids,
+    or ``(ids, attention_mask, labels)`` of padded examples)."""
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(True)
 
     def run():
-        for ids in batches:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        for b in batches:
+            if isinstance(b, tuple):
+                loss = model(input_ids=b[0], attention_mask=b[1], labels=b[2], use_cache=False).loss
+            else:
+                loss = model(input_ids=b, labels=b, use_cache=False).loss
             loss.backward()
 
     try:
@@ -75,17 +79,56 @@ def plain_pass(model, batches, device) -> float:
             p.requires_grad_(f)
 
 
+def text_batches(args, device: torch.device):
+    """``args.num_examples`` records of the built-in ``args.data`` (the CLI's sample), tokenized to at most
+    ``args.seq_len`` tokens, sorted by length as our pass sorts them, and the same examples right-padded in
+    batches of ``args.batch_size`` for the plain pass (padding masked, not scored)."""
+    from lora_da_fast.cli.builtins import load_records, records_to_examples
+    from lora_da_fast.cli.init import subsample_indices
+
+    tok = _tokenizer(args.model)
+    records, _ = load_records(args.data)
+    examples = records_to_examples(tok, [records[i] for i in subsample_indices(len(records), args.num_examples)],
+                                   args.seq_len)
+    examples = sorted(examples, key=lambda e: int(e["input_ids"].numel()))
+    batches = []
+    for i in range(0, len(examples), args.batch_size):
+        chunk = examples[i:i + args.batch_size]
+        n = max(int(e["input_ids"].numel()) for e in chunk)
+        ids = torch.zeros(len(chunk), n, dtype=torch.long)
+        mask = torch.zeros(len(chunk), n, dtype=torch.long)
+        labels = torch.full((len(chunk), n), -100, dtype=torch.long)
+        for j, e in enumerate(chunk):
+            k = int(e["input_ids"].numel())
+            ids[j, :k] = e["input_ids"]
+            mask[j, :k] = 1
+            labels[j, :k] = e["labels"] if "labels" in e else e["input_ids"]
+        batches.append((ids.to(device), mask.to(device), labels.to(device)))
+    return examples, batches
+
+
+def _tokenizer(name: str):
+    from lora_da_fast.cli.builtins import load_model
+
+    return load_model(name, device="cpu")[1]
+
+
 def measure(args, device: torch.device, dtype: torch.dtype, phases) -> dict:
     """Build the model and data, warm up, and time ``phases`` ("plain", "ours" or both) in this process."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = build_model(args.model, device, dtype)
     out = {"build_s": time.perf_counter() - t0, "params": sum(p.numel() for p in model.parameters())}
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (args.num_examples, args.seq_len), generator=g)
-    batches = [ids[i:i + args.batch_size].to(device) for i in range(0, args.num_examples, args.batch_size)]
-    examples = [{"input_ids": row} for row in ids]
+    if args.data == "random":
+        vocab = model.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (args.num_examples, args.seq_len), generator=g)
+        batches = [ids[i:i + args.batch_size].to(device) for i in range(0, args.num_examples, args.batch_size)]
+        examples = [{"input_ids": row} for row in ids]
+        out["tokens"] = args.num_examples * args.seq_len
+    else:  # real text: the CLI's built-in data, at most seq_len tokens each, in the order our pass takes them
+        examples, batches = text_batches(args, device)
+        out["tokens"] = sum(int(e["input_ids"].numel()) for e in examples)
     lpp = args.layers_per_pass
     lpp = int(lpp) if lpp and lpp.isdigit() else lpp
     cfg = LoraDAConfig(population_size=100_000, batch_size=args.batch_size, backend=args.backend,
@@ -138,7 +181,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--num-examples", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per example (with --data: at most)")
+    ap.add_argument("--data", default="random", help="random token ids of --seq-len (default), or a built-in "
+                    "data set of the CLI (rotten-tomatoes, gsm-symbolic): real text, padded batches")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16")
@@ -182,7 +227,7 @@ def main(argv=None) -> int:
         "model": args.model, "params_b": m["params"] / 1e9, "dtype": str(dtype).replace("torch.", ""),
         "device": gpu_name(device) or platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "examples": args.num_examples, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "tokens": args.num_examples * args.seq_len, "modules": m["modules"],
+        "batch_size": args.batch_size, "data": args.data, "tokens": m["tokens"], "modules": m["modules"],
         "passes": m["passes"], "build_s": m["build_s"], "plain_s": plain_s, "stats_s": stats_s,
         "solve_s": solve_s, "total_s": total_s, "total_over_plain": total_s / plain_s,
         "stats_over_plain": stats_s / plain_s, "plain_peak_gb": plain_peak, "ours_peak_gb": ours_peak,

@@ -533,8 +533,9 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
     """Ritz vectors, eigenvalues, residuals and ``sigma^2`` of a stack; ``exact_factors(positions)``
     gives float64 Cholesky factors for the dense fallback when the working dtype is float32; ``start``
     (``[b, d_in, r]``) the first ``r`` columns of the eigensolver's starting block; ``estimate(pos, Vr,
-    theta_r, W, theta_w, rest_gap, sigma)``: the first-order one-ulp sensitivities of the stack's
-    items ``pos`` (:mod:`.first_order`), from every eigenvector (dense) or the guard Ritz vectors."""
+    theta_r, W, theta_w, galerkin)``: the first-order one-ulp sensitivities of the stack's items ``pos``
+    (:mod:`.first_order`), from every eigenvector (dense) or from the guard Ritz vectors and a Krylov
+    correction for the rest (``galerkin``)."""
     b, d_out, n = op.G.shape
     k, kw, kp = opt.block(r)
     dt = op.G.dtype
@@ -608,7 +609,7 @@ def _solve_stack(op: _Operator, alpha: float, bprime: Optional[torch.Tensor], r:
                 log.debug("stack %s x %s x %s: sigma refined for %d modules, %s iterations", b, n, d_out,
                           redo.numel(), ev.iters.tolist())
     sens, sens_by = None, None
-    if estimate is not None:  # the guard Ritz vectors X[:, :, r:k] and a bound on the rest
+    if estimate is not None:  # the guard Ritz vectors X[:, :, r:k], and a Krylov correction for the rest
         th = eig.theta.to(op.G.device, torch.float64)
         sens = estimate(torch.arange(b, device=op.G.device), A, th[:, :r], eig.X[..., r:k], th[:, r:k], True)
         sens_by = ["first-order (guard vectors)"] * b
