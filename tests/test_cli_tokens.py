@@ -29,10 +29,12 @@ def test_keep_tokens_and_sensitivity_options(cache, data, tmp_path, capsys):
     assert rc == 0, err
     tokens = _report(tmp_path / "always")["modules"]
     assert {m["solver"] for m in tokens.values()} == {"tokens-fp64"}
-    rc, _, err = run(args(data, tmp_path / "never", "--quiet", "--keep-tokens", "never", "--sensitivity", "always"),
-                     capsys)
+    rc, out, err = run(args(data, tmp_path / "never", "--keep-tokens", "never", "--sensitivity", "always"), capsys)
     assert rc == 0, err
     factor = _report(tmp_path / "never")["modules"]
+    # the summary counts the modules the data does not determine
+    loose = sum(any(n.startswith("not determined by the data") for n in m["notes"]) for m in factor.values())
+    assert loose >= 5 and f"{loose} of them not determined by the data at fp32 precision" in out, out
     assert "tokens-fp64" not in {m["solver"] for m in factor.values()}
     assert all(m["sensitivity"] is not None for m in factor.values())
     # The flag is the report's: a note exactly where the sensitivity passes SENSITIVITY_FLAG (1e-4).

@@ -97,9 +97,15 @@ def print_summary(report: dict, stream=None) -> None:
           f"{report['num_examples']} examples ({report['num_skipped']} skipped), {report['num_tokens']} tokens; "
           f"N = {report['lora_da_config']['population_size']}", file=stream)
     noted = [n for n, m in report["modules"].items() if m.get("notes")]
+    loose = [n for n, m in report["modules"].items()
+             if any(x.startswith("not determined by the data") for x in m.get("notes") or [])]
     if noted:
-        print(f"{len(noted)} module(s) with notes (raised damping, solver fallback, ill-defined subspace): see the "
-              f"notes column and {REPORT_FILE}", file=stream)
+        print(f"{len(noted)} module(s) with notes (raised damping, solver fallback, ill-defined subspace, not "
+              f"determined by the data): see the notes column and {REPORT_FILE}", file=stream)
+    if loose:
+        print(f"{len(loose)} of them not determined by the data at fp32 precision: a rerun that differs only in "
+              "rounding (batch size, number of ranks) can give them visibly different adapters "
+              "(docs/troubleshooting.md)", file=stream)
     cache = report.get("statistics_cache") or {}
     if cache.get("resumed_from_examples"):
         print(f"statistics pass resumed from a checkpoint after {cache['resumed_from_examples']} examples", file=stream)
