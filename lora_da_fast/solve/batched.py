@@ -64,9 +64,8 @@ from ..config import LoraDAConfig
 from ..errors import ConfigError, NumericalError
 from ..fisher import FisherStatistics
 from ..results import LoraDAResult, LoraFactors, ModuleReport
-from ..triangle import unpack_symmetric
 from .factor import cholesky_ex, spd_inverse
-from .first_order import first_order_change, one_ulp, ulp_step
+from .first_order import first_order_change, g_step, move_seed, z_step
 from .lobpcg import (SIGMA2_TOL, flops_per_iteration, lobpcg, orthonormalize, rayleigh_ritz_small, sigma_from_basis,
                      solve_dense, zinv_norm)
 from .operator import _mm, _Operator
@@ -353,13 +352,11 @@ def _sym_stack(stats: FisherStatistics, chunk: List[str], dt: torch.dtype, devic
 
 def _ulp_stack(stats: FisherStatistics, chunk: List[str], dt: torch.dtype, device: torch.device, seed: int
                ) -> torch.Tensor:
-    """``one_ulp(Z_g) - Z_g`` of the groups of ``chunk`` (the packed triangle moved, then mirrored), stacked."""
+    """The one-ulp moves of the input factors of the groups of ``chunk`` (:func:`.first_order.z_step`), stacked."""
     d = stats.z_dim(chunk[0])
     out = torch.empty((len(chunk), d, d), dtype=dt, device=device)
     for i, g in enumerate(chunk):
-        z = stats.Z[g]  # (the difference of neighbouring floats is exact in their own dtype)
-        unpack_symmetric(one_ulp(z, f"Z.{g}", seed) - z.to(torch.float64 if z.dtype != torch.float32 else z.dtype),
-                         dt, device, out=out[i])
+        z_step(stats, g, seed, dt, device, out=out[i])
     return out
 
 
@@ -369,12 +366,12 @@ def _estimator(stats: FisherStatistics, names: List[str], op: _Operator, bprime:
     products with ``Zd^{-1}`` side by side, as the eigensolver's): the one-ulp moves of ``Z`` (``dZs``, per
     factor of the chunk) and of each ``G`` (drawn as ``sensitivity="always"`` draws them; one ``G``-sized
     stack while the stack is estimated)."""
-    seed = cfg.seed + 1
+    seed = move_seed(cfg)
 
     def estimate(pos: torch.Tensor, Vr, theta_r, W, theta_w, galerkin: bool = False) -> torch.Tensor:
         o = op if pos.numel() == len(op) else op.subset(pos)
         G, u = o.G, o.u
-        dGu = torch.stack([ulp_step(stats.modules[names[p]].G, f"G.{names[p]}", seed, dt) for p in pos.tolist()])
+        dGu = torch.stack([g_step(stats, names[p], seed, dt) for p in pos.tolist()])
         dGu = dGu.to(G.device).mul_(u[..., None])  # diag(u) dG
         fidx = o.idx.tolist()
         b = None if bprime is None else bprime[pos]
@@ -438,7 +435,7 @@ def _solve_chunk(stats: FisherStatistics, cfg: LoraDAConfig, groups: Dict[str, L
         # the damping rule (steps.input_damping, float64, from the statistics alone), then the factors
         Zs = _sym_stack(stats, chunk, dt, device)
         # the one-ulp moves of the groups' Z, for the first-order sensitivity (what "always" applies)
-        dZs = _ulp_stack(stats, chunk, dt, device, cfg.seed + 1) if cfg.sensitivity == "auto" else None
+        dZs = _ulp_stack(stats, chunk, dt, device, move_seed(cfg)) if cfg.sensitivity == "auto" else None
         chosen = input_damping(Zs, cfg.damping, cfg.max_damping, chunk, symmetric=True)
         Zs.diagonal(dim1=-2, dim2=-1).add_(torch.tensor(chosen, dtype=dt, device=device)[:, None] - cfg.damping)
         L, more = cholesky_stack(Zs, cfg.damping, cfg.max_damping, chunk)

@@ -31,6 +31,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..triangle import unpack_symmetric
+
 ULP32 = 2.0 ** -23  # one fp32 ulp, relative (at a mantissa of 1)
 
 Apply = Callable[[torch.Tensor], torch.Tensor]
@@ -72,6 +74,26 @@ def ulp_step(t: torch.Tensor, name: str, seed: int, dtype: torch.dtype = torch.f
     exact in their own dtype)."""
     moved = one_ulp(t, name, seed)
     return (moved - t.to(moved.dtype)).to(dtype)
+
+
+def move_seed(cfg) -> int:
+    """The seed of the one-ulp moves (``LoraDAConfig.seed + 1``): the estimate and ``sensitivity="always"``
+    draw the same moves."""
+    return cfg.seed + 1
+
+
+def z_step(stats, group: str, seed: int, dtype: torch.dtype = torch.float64, device=None,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dense one-ulp move of ``group``'s input factor: its stored packed triangle moved (as
+    ``sensitivity="always"`` moves it, name ``Z.<group>``), the difference mirrored."""
+    z = stats.Z[group]
+    moved = one_ulp(z, f"Z.{group}", seed)
+    return unpack_symmetric(moved - z.to(moved.dtype), dtype, device, out)
+
+
+def g_step(stats, name: str, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The one-ulp move of module ``name``'s ``G`` (name ``G.<module>``, as ``sensitivity="always"``)."""
+    return ulp_step(stats.modules[name].G, f"G.{name}", seed, dtype)
 
 
 def first_order_change(*, zinv: Apply, gtu_mul: Apply, ug_mul: Apply, dz_mul: Apply, dgu_mul: Apply,

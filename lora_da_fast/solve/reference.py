@@ -9,8 +9,7 @@ from ..config import LoraDAConfig
 from ..errors import NumericalError
 from ..fisher import FisherStatistics
 from ..results import LoraDAResult, ModuleReport
-from ..triangle import unpack_symmetric
-from .first_order import first_order_change, one_ulp, ulp_step
+from .first_order import first_order_change, g_step, move_seed, z_step
 from .steps import (canonical_signs, cholesky_with_retry, damping_note, fisher_gradient, guidance, output_damping,
                     output_inverse, to_factors)
 
@@ -26,7 +25,8 @@ def solve_reference(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool =
             continue
         Z = stats.dense_Z(group, torch.float64)
         L, lam = cholesky_with_retry(Z, cfg.damping, cfg.max_damping, group)
-        Zinv = torch.cholesky_inverse(L) if cfg.beta > 0 else None
+        Zinv = torch.cholesky_inverse(L) if cfg.beta > 0 or cfg.sensitivity == "auto" else None
+        dZ = z_step(stats, group, move_seed(cfg))[None] if cfg.sensitivity == "auto" else None
         for name in names:
             st = stats.modules[name]
             lam_y = output_damping(st, cfg)
@@ -38,10 +38,7 @@ def solve_reference(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool =
             D = D / sigma
             M = guidance(D, Zinv, u, sigma, cfg.alpha, cfg.beta, cfg.population_size)
             w, V = torch.linalg.eigh(M)
-            sens = None
-            if cfg.sensitivity == "auto":
-                sens = _first_order(stats, name, group, Zinv if Zinv is not None else torch.cholesky_inverse(L),
-                                    u, w * sigma ** 2, V, cfg)
+            sens = None if dZ is None else _first_order(stats, name, Zinv, dZ, u, w * sigma ** 2, V, cfg)
             A0 = canonical_signs(V[:, :r])
             theta = w[:r]
             resid = torch.linalg.vector_norm(M @ A0 - A0 * theta, dim=0).max()
@@ -64,16 +61,14 @@ def solve_reference(stats: FisherStatistics, cfg: LoraDAConfig, progress: bool =
                         {n: result.reports[n] for n in stats.modules if n in result.reports})
 
 
-def _first_order(stats: FisherStatistics, name: str, group: str, Zinv: torch.Tensor, u: torch.Tensor,
+def _first_order(stats: FisherStatistics, name: str, Zinv: torch.Tensor, dZ: torch.Tensor, u: torch.Tensor,
                  w: torch.Tensor, V: torch.Tensor, cfg: LoraDAConfig) -> float:
     """The first-order one-ulp sensitivity of one module (:mod:`.first_order`) from every eigenvector of
-    ``M' = sigma^2 M`` (``w``, ``V``)."""
-    r, seed = cfg.rank, cfg.seed + 1
-    dZ = (unpack_symmetric(one_ulp(stats.Z[group], f"Z.{group}", seed), torch.float64)
-          - unpack_symmetric(stats.Z[group], torch.float64))[None]
+    ``M' = sigma^2 M`` (``w``, ``V``); ``dZ``: its group's move (``[1, d_in, d_in]``)."""
+    r = cfg.rank
     G = stats.modules[name].G.double()[None]
     u = u.double()[None]
-    dGu = ulp_step(stats.modules[name].G, f"G.{name}", seed)[None] * u[..., None]  # diag(u) dG
+    dGu = g_step(stats, name, move_seed(cfg))[None] * u[..., None]  # diag(u) dG
     b = None
     if cfg.beta > 0:
         b = torch.tensor([cfg.beta * float(u.sum()) / cfg.population_size], dtype=torch.float64)

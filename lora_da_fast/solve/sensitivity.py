@@ -16,7 +16,7 @@ from ..errors import LoraDAError
 from ..fisher import FisherStatistics, ModuleStatistics
 from ..results import LoraDAResult
 from ..tokens import TokenStatistics
-from .first_order import one_ulp
+from .first_order import move_seed, one_ulp
 from .token_space import solve_token_groups
 
 # Flag a module whose product moves by more than this for one ulp. Two runs differ by more than one ulp:
@@ -73,7 +73,7 @@ def measure_sensitivity(stats: FisherStatistics, cfg: LoraDAConfig, res: LoraDAR
     dense = [m for m in stats.modules if m not in solved]
     if not tok and not dense:
         return
-    seed = cfg.seed + 1
+    seed = move_seed(cfg)
     again: Dict[str, object] = {}
     failed: Optional[str] = None
     try:

@@ -36,7 +36,7 @@ from ..config import LoraDAConfig
 from ..errors import NumericalError
 from ..fisher import FisherStatistics, ModuleStatistics
 from ..results import LoraDAResult, LoraFactors, ModuleReport
-from .first_order import first_order_change, one_ulp, ulp_step
+from .first_order import first_order_change, move_seed, one_ulp, ulp_step
 from .steps import output_damping, output_inverse, tie_note
 
 SOLVER_TOKENS = "tokens-fp64"
@@ -78,8 +78,8 @@ def solve_module_tokens(basis: TokenBasis, Lq: torch.Tensor, Zq_inv: Optional[to
                         u: torch.Tensor, num_examples: int, lam: float, cfg: LoraDAConfig,
                         moves: Optional["TokenMoves"] = None, module: str = "") -> Tuple[LoraFactors, dict]:
     """One module through its group's :class:`TokenBasis`: ``Lq`` is the Cholesky factor of
-    ``Zq = lam I + Zc / T``, ``Zq_inv`` its inverse (when ``beta > 0``). Returns the factors (fp32, PEFT
-    layout) and the report's numbers (``sigma``, ``eigenvalues``, ``eigengap``, ``residual``,
+    ``Zq = lam I + Zc / T``, ``Zq_inv`` its inverse (when ``beta > 0`` or with ``moves``). Returns the
+    factors (fp32, PEFT layout) and the report's numbers (``sigma``, ``eigenvalues``, ``eigengap``, ``residual``,
     ``update_norm``), the same quantities :func:`~.reference.solve_reference` reports. With ``moves``
     (:class:`TokenMoves` of the group): also the first-order one-ulp sensitivity of ``module``, as
     ``"sensitivity"``."""
@@ -129,9 +129,9 @@ def solve_module_tokens(basis: TokenBasis, Lq: torch.Tensor, Zq_inv: Optional[to
     out = {"sigma": float(sigma), "eigenvalues": w_r1, "eigengap": gap, "residual": float(resid) / mnorm,
            "update_norm": upd}
     if moves is not None:
-        out["sensitivity"] = _first_order_tokens(basis, Zq_inv if Zq_inv is not None else torch.cholesky_inverse(Lq),
-                                                 Gq, delta, u, num_examples, lam, float(sigma), w, Vm, cfg, moves,
-                                                 module)
+        out["sensitivity"] = _first_order_tokens(basis, Zq_inv, Gq, delta, u, num_examples, lam, float(sigma), w, Vm,
+                                                 cfg, moves, module)
+        out["sensitivity_by"] = "first-order"
     return LoraFactors(lora_A, lora_B), out
 
 
@@ -197,7 +197,8 @@ def _first_order_tokens(basis: TokenBasis, Zq_inv: torch.Tensor, Gq: torch.Tenso
     Wv = V @ Vm
     got = first_order_change(
         zinv=one(zinv), gtu_mul=one(lambda y: V @ (Gq @ (u[:, None] * y))),
-        ug_mul=one(lambda x: u[:, None] * (Gq.transpose(-1, -2) @ (V.transpose(-1, -2) @ x))), dz_mul=one(dz_mul), dgu_mul=one(dgu_mul), dgu_t_mul=one(dgu_t_mul), a=cfg.alpha, b=b,
+        ug_mul=one(lambda x: u[:, None] * (Gq.transpose(-1, -2) @ (V.transpose(-1, -2) @ x))), dz_mul=one(dz_mul),
+        dgu_mul=one(dgu_mul), dgu_t_mul=one(dgu_t_mul), a=cfg.alpha, b=b,
         Vr=Wv[None, :, :r], theta_r=(w[None, :r] * s2), W=Wv[None, :, r:], theta_w=(w[None, r:] * s2),
         rest_value=outside if basis.k < basis.d_in else None)
     return float(got[0])
@@ -245,8 +246,9 @@ def solve_group_tokens(group: str, X: torch.Tensor, selected: Optional[torch.Ten
     if int(info) != 0:  # lam I + a Gram matrix: only a float64 overflow or NaN gets here
         raise NumericalError(f"the float64 Cholesky factorisation of the token-space input factor of {group} "
                              f"failed (damping {lam:g}): the inputs are not finite or too large")
-    Zq_inv = torch.cholesky_inverse(Lq) if cfg.beta > 0 else None
-    moves = TokenMoves(group, X, selected, cfg.seed + 1) if cfg.sensitivity == "auto" else None
+    moves = TokenMoves(group, X, selected, move_seed(cfg)) if cfg.sensitivity == "auto" else None
+    # (the estimate needs Zq^{-1} whatever beta: once per group)
+    Zq_inv = torch.cholesky_inverse(Lq) if cfg.beta > 0 or moves is not None else None
     factors: Dict[str, LoraFactors] = {}
     reports: Dict[str, ModuleReport] = {}
     for name, delta in deltas.items():
@@ -259,8 +261,6 @@ def solve_group_tokens(group: str, X: torch.Tensor, selected: Optional[torch.Ten
         tie = tie_note(rep["eigenvalues"], cfg.rank)  # as the batched solver says it
         if tie:
             why.append(tie)
-        if "sensitivity" in rep:
-            rep["sensitivity_by"] = "first-order"
         reports[name] = ModuleReport(d_in=int(X.shape[1]), d_out=int(delta.shape[1]), group=group, damping=lam,
                                      output_damping=lam_ys[name], solver=SOLVER_TOKENS, notes=why, **rep)
     return factors, reports
