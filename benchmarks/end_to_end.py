@@ -34,8 +34,8 @@ import time
 
 import torch
 
-from harness import (append_jsonl, environment, git_state, gpu_name, library_debug_log, peak_gb, peak_kind,
-                     random_llama, reset_peak, timed)
+from harness import (append_jsonl, builtin_examples, environment, git_state, gpu_name, library_debug_log, peak_gb,
+                     peak_kind, random_llama, reset_peak, timed)
 
 from lora_da_fast import LoraDAConfig, collect_statistics  # after harness: a source tree without install
 from lora_da_fast.engine import run_lora_da
@@ -47,13 +47,14 @@ SHAPES = {  # hidden, layers, intermediate, heads, kv heads
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
+    """``(model, tokenizer)``; random-weight shapes have no tokenizer (``None``)."""
     if name in SHAPES:
-        return random_llama(*SHAPES[name], vocab=32000, max_positions=4096, device=device, dtype=dtype)
+        return random_llama(*SHAPES[name], vocab=32000, max_positions=4096, device=device, dtype=dtype), None
     from lora_da_fast.cli.builtins import load_model
 
-    model, _, _ = load_model(name, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16",
-                                          torch.float16: "float16"}[dtype], device=str(device))
-    return model.eval()
+    model, tok, _ = load_model(name, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16",
+                                            torch.float16: "float16"}[dtype], device=str(device))
+    return model.eval(), tok
 
 
 def plain_pass(model, batches, device) -> float:
@@ -79,17 +80,11 @@ def plain_pass(model, batches, device) -> float:
             p.requires_grad_(f)
 
 
-def text_batches(args, device: torch.device):
-    """``args.num_examples`` records of the built-in ``args.data`` (the CLI's sample), tokenized to at most
-    ``args.seq_len`` tokens, sorted by length as our pass sorts them, and the same examples right-padded in
-    batches of ``args.batch_size`` for the plain pass (padding masked, not scored)."""
-    from lora_da_fast.cli.builtins import load_records, records_to_examples
-    from lora_da_fast.cli.init import subsample_indices
-
-    tok = _tokenizer(args.model)
-    records, _ = load_records(args.data)
-    examples = records_to_examples(tok, [records[i] for i in subsample_indices(len(records), args.num_examples)],
-                                   args.seq_len)
+def text_batches(tok, args, device: torch.device):
+    """The CLI's sample of ``args.num_examples`` records of the built-in ``args.data`` (at most
+    ``args.seq_len`` tokens each), sorted by length as our pass sorts them, and the same examples
+    right-padded in batches of ``args.batch_size`` for the plain pass (padding masked, not scored)."""
+    examples, _ = builtin_examples(tok, args.data, args.num_examples, args.seq_len)
     examples = sorted(examples, key=lambda e: int(e["input_ids"].numel()))
     batches = []
     for i in range(0, len(examples), args.batch_size):
@@ -107,17 +102,11 @@ def text_batches(args, device: torch.device):
     return examples, batches
 
 
-def _tokenizer(name: str):
-    from lora_da_fast.cli.builtins import load_model
-
-    return load_model(name, device="cpu")[1]
-
-
 def measure(args, device: torch.device, dtype: torch.dtype, phases) -> dict:
     """Build the model and data, warm up, and time ``phases`` ("plain", "ours" or both) in this process."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = build_model(args.model, device, dtype)
+    model, tok = build_model(args.model, device, dtype)
     out = {"build_s": time.perf_counter() - t0, "params": sum(p.numel() for p in model.parameters())}
     if args.data == "random":
         vocab = model.config.vocab_size
@@ -127,7 +116,9 @@ def measure(args, device: torch.device, dtype: torch.dtype, phases) -> dict:
         examples = [{"input_ids": row} for row in ids]
         out["tokens"] = args.num_examples * args.seq_len
     else:  # real text: the CLI's built-in data, at most seq_len tokens each, in the order our pass takes them
-        examples, batches = text_batches(args, device)
+        if tok is None:
+            raise SystemExit(f"--data {args.data} needs a model with a tokenizer, not the random shape {args.model}")
+        examples, batches = text_batches(tok, args, device)
         out["tokens"] = sum(int(e["input_ids"].numel()) for e in examples)
     lpp = args.layers_per_pass
     lpp = int(lpp) if lpp and lpp.isdigit() else lpp

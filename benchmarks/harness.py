@@ -32,6 +32,22 @@ if REPO not in sys.path:
 
 
 # --------------------------------------------------------------------------------------------------
+# Real data
+
+
+def builtin_examples(tokenizer, data: str, num_samples: int, max_length: int) -> tuple:
+    """``(examples, number of records)``: the CLI's sample of ``num_samples`` records of the built-in data set
+    ``data`` (``rotten-tomatoes``, ``gsm-symbolic``), tokenized to at most ``max_length`` tokens each, as
+    ``lora-da-fast init --data DATA --num-samples N --max-length L`` takes them."""
+    from lora_da_fast.cli.builtins import load_records, records_to_examples
+    from lora_da_fast.cli.init import subsample_indices
+
+    records, _ = load_records(data)
+    chosen = [records[i] for i in subsample_indices(len(records), num_samples)]
+    return records_to_examples(tokenizer, chosen, max_length), len(records)
+
+
+# --------------------------------------------------------------------------------------------------
 # Timing
 
 

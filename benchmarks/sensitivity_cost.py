@@ -17,11 +17,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import environment, git_state  # noqa: E402
+from harness import builtin_examples, environment, git_state  # noqa: E402
 
 from lora_da_fast import LoraDAConfig, collect_statistics  # noqa: E402
-from lora_da_fast.cli.builtins import load_model, load_records, records_to_examples  # noqa: E402
-from lora_da_fast.cli.init import subsample_indices  # noqa: E402
+from lora_da_fast.cli.builtins import load_model  # noqa: E402
 from lora_da_fast.solve import solve_local  # noqa: E402
 from lora_da_fast.solve.sensitivity import SENSITIVITY_FLAG  # noqa: E402
 
@@ -38,9 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     model, tok, _ = load_model(a.model, device="cpu")
-    records, _ = load_records(a.data)
-    exs = records_to_examples(tok, [records[i] for i in subsample_indices(len(records), a.num_samples)], a.max_length)
-    base = dict(population_size=len(records), keep_tokens=a.keep_tokens, rank=a.rank)
+    exs, num_records = builtin_examples(tok, a.data, a.num_samples, a.max_length)
+    base = dict(population_size=num_records, keep_tokens=a.keep_tokens, rank=a.rank)
     stats = collect_statistics(model, exs, LoraDAConfig(**base), progress=False)
     times = {k: [] for k in ("never", "auto", "always")}
     res = {}

@@ -17,11 +17,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import environment, git_state  # noqa: E402
+from harness import builtin_examples, environment, git_state  # noqa: E402
 
 from lora_da_fast import LoraDAConfig  # noqa: E402
-from lora_da_fast.cli.builtins import load_model, load_records, records_to_examples  # noqa: E402
-from lora_da_fast.cli.init import subsample_indices  # noqa: E402
+from lora_da_fast.cli.builtins import load_model  # noqa: E402
 from lora_da_fast.data import prepare_examples  # noqa: E402
 from lora_da_fast.solve import solve_local  # noqa: E402
 from lora_da_fast.statistics import StatisticsPass, run_pass  # noqa: E402
@@ -50,12 +49,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     model, tok, _ = load_model(a.model, device="cpu")
-    records, _ = load_records(a.data)
-    exs = records_to_examples(tok, [records[i] for i in subsample_indices(len(records), a.num_samples)],
-                              a.max_length)
+    exs, num_records = builtin_examples(tok, a.data, a.num_samples, a.max_length)
     ex, _ = prepare_examples(exs)
     total = sum(map(len, ex))
-    cfgs = {k: LoraDAConfig(batch_size=a.batch_size, population_size=len(records), keep_tokens=k, sensitivity="never")
+    cfgs = {k: LoraDAConfig(batch_size=a.batch_size, population_size=num_records, keep_tokens=k, sensitivity="never")
             for k in ("never", "auto")}
     times = {"pass never": [], "pass auto": [], "solve never": [], "solve auto": [], "sensitivity auto": []}
     stats = {}
@@ -71,7 +68,7 @@ def main(argv=None) -> int:
             solve_local(stats[k], cfg)
             times[f"solve {k}"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        solve_local(stats["auto"], LoraDAConfig(batch_size=a.batch_size, population_size=len(records)))
+        solve_local(stats["auto"], LoraDAConfig(batch_size=a.batch_size, population_size=num_records))
         times["sensitivity auto"].append(time.perf_counter() - t0 - min(times["solve auto"]))
     best = {k: min(v) for k, v in times.items()}
     groups = stats["auto"].groups()

@@ -17,12 +17,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from harness import environment, git_state  # noqa: E402
+from harness import builtin_examples, environment, git_state  # noqa: E402
 
 import lora_da_fast.solve.token_space as new  # noqa: E402
 from lora_da_fast import LoraDAConfig  # noqa: E402
-from lora_da_fast.cli.builtins import load_model, load_records, records_to_examples  # noqa: E402
-from lora_da_fast.cli.init import subsample_indices  # noqa: E402
+from lora_da_fast.cli.builtins import load_model  # noqa: E402
 from lora_da_fast.data import prepare_examples  # noqa: E402
 from lora_da_fast.statistics import StatisticsPass, run_pass  # noqa: E402
 
@@ -49,10 +48,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     old = load_revision(a.base)
     model, tok, _ = load_model("smollm2-135m", device="cpu")
-    recs, _ = load_records("rotten-tomatoes")
-    exs = records_to_examples(tok, [recs[i] for i in subsample_indices(len(recs), a.num_samples)], a.max_length)
+    exs, num_records = builtin_examples(tok, "rotten-tomatoes", a.num_samples, a.max_length)
     ex, _ = prepare_examples(exs)
-    cfg = LoraDAConfig(batch_size=8, population_size=len(recs), keep_tokens="always", sensitivity="never")
+    cfg = LoraDAConfig(batch_size=8, population_size=num_records, keep_tokens="always", sensitivity="never")
     with StatisticsPass(model, cfg, total_tokens=sum(map(len, ex))) as sp:
         run_pass(sp, ex, progress=False)
     st = sp.finalize()
